@@ -1,0 +1,14 @@
+"""latentpi's wire protocol: msgpack + numpy frames compatible with openpi-client, plus latents."""
+
+from latentpi.protocol.errors import ProtocolError, ValidationError
+from latentpi.protocol.latent_spec import DEFAULT_PRESET, PRESETS, LatentSpec, TokenLayout, preset
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "PRESETS",
+    "LatentSpec",
+    "ProtocolError",
+    "TokenLayout",
+    "ValidationError",
+    "preset",
+]
