@@ -1,0 +1,211 @@
+"""The ASGI application: openpi's websocket protocol at `/`, `GET /healthz`, `GET /metrics`.
+
+openpi-compatible handshake: on connect the server sends a metadata frame; then every binary
+request frame gets one binary response frame. A bad request gets a text frame naming the field
+(the stock openpi-client raises it as RuntimeError) and, unlike openpi, the connection stays open.
+Tracebacks go to the server log, never to a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from typing import Any, Protocol
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from latentpi.protocol.codec import Limits, packb, unpackb
+from latentpi.protocol.errors import ProtocolError, ValidationError
+from latentpi.protocol.messages import PolicyRequest
+from latentpi.server.auth import is_authorized
+from latentpi.server.batching import DynamicBatcher, QueueFullError
+from latentpi.server.metrics import ServerMetrics
+from latentpi.server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+_OFFLOAD_BYTES = 1 << 20  # encode/decode bigger frames off the event loop
+
+
+class Prepared(Protocol):
+    @property
+    def group(self) -> Hashable: ...
+
+
+class PolicyEngine(Protocol):
+    """What the app needs from the model side (see latentpi.server.engine)."""
+
+    def metadata(self) -> dict[str, Any]: ...
+
+    def prepare(self, request: PolicyRequest) -> Prepared: ...
+
+    def run_batch(self, items: Sequence[Prepared]) -> list[dict[str, Any]]: ...
+
+
+class PolicyServer:
+    """One server's state: settings, metrics, the engine (loaded in the background) and its batcher."""
+
+    def __init__(self, engine_factory: Callable[[], PolicyEngine], settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.limits = Limits(max_frame_bytes=settings.max_frame_bytes)
+        self._engine_factory = engine_factory
+        self._engine: PolicyEngine | None = None
+        self._metadata_frame = b""
+        self._ready = asyncio.Event()
+        self._load_error: BaseException | None = None
+        self._batcher: DynamicBatcher[Prepared, dict[str, Any]] | None = None
+        self._stopping = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        loader = asyncio.create_task(self._load())
+        try:
+            yield
+        finally:
+            self._stopping.set()
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            if self._batcher is not None:
+                await self._batcher.stop()
+
+    async def _load(self) -> None:
+        try:
+            engine = await asyncio.to_thread(self._engine_factory)
+        except Exception as error:
+            self._load_error = error
+            logger.exception("loading the model failed")
+            return
+        self._engine = engine
+        self._metadata_frame = packb(engine.metadata())
+        self._batcher = DynamicBatcher(
+            engine.run_batch,
+            max_batch=self.settings.max_batch,
+            window_s=self.settings.batch_window_ms / 1000,
+            max_queue=self.settings.max_queue,
+            metrics=self.metrics,
+        )
+        self._batcher.start()
+        self._ready.set()
+        logger.info("model ready")
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    async def healthz(self, _: Request) -> Response:
+        if self._load_error is not None:
+            return PlainTextResponse(f"model failed to load: {self._load_error}", status_code=503)
+        if not self.ready:
+            return PlainTextResponse("loading", status_code=503)
+        return PlainTextResponse("OK")
+
+    async def metrics_endpoint(self, _: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # -- websocket ------------------------------------------------------------------------------
+    async def websocket(self, websocket: WebSocket) -> None:
+        if not is_authorized(websocket.headers, self.settings.api_key):
+            self.metrics.errors.labels("unauthorized").inc()
+            await websocket.send_denial_response(PlainTextResponse("invalid or missing API key", status_code=401))
+            return
+        await self._ready.wait()
+        await websocket.accept()
+        self.metrics.clients.inc()
+        try:
+            await websocket.send_bytes(self._metadata_frame)
+            await self._serve_connection(websocket)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self.metrics.clients.dec()
+
+    async def _serve_connection(self, websocket: WebSocket) -> None:
+        prev_total_ms: float | None = None
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            start = time.monotonic()
+            frame = message.get("bytes")
+            if frame is None:
+                await self._send_error(websocket, "bad_frame", "frame: expected a binary msgpack frame, received a text frame")
+                continue
+            reply = await self._answer(frame, prev_total_ms)
+            if isinstance(reply, str):
+                await websocket.send_text(reply)
+            else:
+                await websocket.send_bytes(reply)
+                self.metrics.response_bytes.inc(len(reply))
+            prev_total_ms = (time.monotonic() - start) * 1000
+            self.metrics.latency.observe(prev_total_ms / 1000)
+
+    async def _answer(self, frame: bytes, prev_total_ms: float | None) -> bytes | str:
+        """The response frame, or an error text for the client."""
+        assert self._engine is not None and self._batcher is not None
+        start = time.monotonic()
+        try:
+            wire = await _offload(len(frame), unpackb, frame, limits=self.limits)
+            request = PolicyRequest.from_wire(wire)
+            prepared = await asyncio.to_thread(self._engine.prepare, request)
+            response = await self._batcher.submit(prepared)
+        except ProtocolError as error:
+            return self._error("bad_frame", f"bad frame: {error}")
+        except ValidationError as error:
+            return self._error("bad_request", f"bad request: {error}")
+        except QueueFullError as error:
+            return self._error("overloaded", str(error))
+        except Exception:
+            logger.exception("request failed")
+            return self._error("internal", "internal server error (details are in the server log)")
+        timing = {"infer_ms": (time.monotonic() - start) * 1000}
+        if prev_total_ms is not None:
+            timing["prev_total_ms"] = prev_total_ms
+        response["server_timing"] = timing
+        kind = "latents" if request.collect_latents else "plain"
+        self.metrics.requests.labels(kind).inc()
+        self.metrics.latent_bytes.inc(_latent_bytes(response))
+        return await _offload(_latent_bytes(response), packb, response)
+
+    def _error(self, kind: str, text: str) -> str:
+        self.metrics.errors.labels(kind).inc()
+        return text
+
+    async def _send_error(self, websocket: WebSocket, kind: str, text: str) -> None:
+        await websocket.send_text(self._error(kind, text))
+
+
+async def _offload(size: int, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if size >= _OFFLOAD_BYTES:
+        return await asyncio.to_thread(function, *args, **kwargs)
+    return function(*args, **kwargs)
+
+
+def _latent_bytes(response: dict[str, Any]) -> int:
+    return sum(
+        getattr(value, "nbytes", 0) for key, value in response.items() if key not in ("actions", "server_timing", "policy_timing")
+    )
+
+
+def build_app(engine_factory: Callable[[], PolicyEngine], settings: ServerSettings) -> Starlette:
+    server = PolicyServer(engine_factory, settings)
+    app = Starlette(
+        routes=[
+            WebSocketRoute("/", server.websocket),
+            Route("/healthz", server.healthz),
+            Route("/metrics", server.metrics_endpoint),
+        ],
+        lifespan=server.lifespan,
+    )
+    app.state.policy_server = server
+    return app

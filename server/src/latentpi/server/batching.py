@@ -1,0 +1,131 @@
+"""Dynamic batching: requests from concurrent clients that arrive within a short window run as one
+model call, grouped by what they capture (one compiled function per group).
+
+The model runs on one worker thread (one device); while it runs, new requests queue up and the next
+gather takes them at once, so under load batches fill without waiting out the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from latentpi.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class Groupable(Protocol):
+    @property
+    def group(self) -> Hashable: ...
+
+
+ItemT = TypeVar("ItemT", bound=Groupable)
+ResultT = TypeVar("ResultT")
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than the server accepts."""
+
+
+@dataclass
+class _Pending(Generic[ItemT, ResultT]):
+    item: ItemT
+    future: asyncio.Future[ResultT] = field(repr=False)
+
+
+class DynamicBatcher(Generic[ItemT, ResultT]):
+    """`await submit(item)` returns that item's own result from a batched `run_batch(items)` call."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[ItemT]], Sequence[ResultT]],
+        *,
+        max_batch: int,
+        window_s: float,
+        max_queue: int,
+        metrics: ServerMetrics,
+    ) -> None:
+        self._run_batch = run_batch
+        self._max_batch = max_batch
+        self._window_s = window_s
+        self._max_queue = max_queue
+        self._metrics = metrics
+        self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentpi-model")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="latentpi-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("server shutting down"))
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def submit(self, item: ItemT) -> ResultT:
+        if self._queue.qsize() >= self._max_queue:
+            raise QueueFullError(f"queue: expected at most {self._max_queue} waiting requests, the server is overloaded")
+        future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(item, future))
+        self._metrics.queue_depth.set(self._queue.qsize())
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            gathered = await self._gather()
+            self._metrics.queue_depth.set(self._queue.qsize())
+            for chunk in _chunks_by_group(gathered, self._max_batch):
+                await self._run(chunk)
+
+    async def _gather(self) -> list[_Pending[ItemT, ResultT]]:
+        """The first waiting request, then whatever arrives within the window (up to max_batch)."""
+        gathered = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self._window_s
+        while len(gathered) < self._max_batch:
+            if not self._queue.empty():
+                gathered.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                gathered.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return [p for p in gathered if not p.future.done()]  # skip requests whose client left
+
+    async def _run(self, chunk: list[_Pending[ItemT, ResultT]]) -> None:
+        self._metrics.batch_size.observe(len(chunk))
+        loop = asyncio.get_running_loop()
+        try:
+            with self._metrics.infer_latency.time():
+                results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in chunk])
+        except Exception as error:  # one failing batch must not stop the server
+            logger.exception("model call failed for a batch of %d", len(chunk))
+            for pending in chunk:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        for pending, result in zip(chunk, results, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(result)
+
+
+def _chunks_by_group(
+    gathered: list[_Pending[ItemT, ResultT]], max_batch: int
+) -> list[list[_Pending[ItemT, ResultT]]]:
+    groups: dict[Hashable, list[_Pending[ItemT, ResultT]]] = {}
+    for pending in gathered:
+        groups.setdefault(pending.item.group, []).append(pending)
+    return [items[i : i + max_batch] for items in groups.values() for i in range(0, len(items), max_batch)]

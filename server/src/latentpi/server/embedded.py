@@ -1,0 +1,93 @@
+"""Run the policy server inside this process (tests, benchmarks) on a free local port, and stop it
+cleanly. The collector's embedded mode runs `latentpi serve` as a child process instead (see
+latentpi.client.server_process), so a crashing simulation never shares memory with the model."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from latentpi.server.app import PolicyEngine, build_app
+from latentpi.server.settings import ServerSettings
+
+
+def uvicorn_config(app: object, settings: ServerSettings, *, log_level: str = "warning") -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=settings.max_frame_bytes,
+        ws_per_message_deflate=False,  # openpi-client sends without compression
+        lifespan="on",
+        log_level=log_level,
+        access_log=False,
+    )
+
+
+@dataclass
+class RunningServer:
+    host: str
+    port: int
+    server: uvicorn.Server = field(repr=False)
+    thread: threading.Thread = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        """Block until /healthz answers 200 (model loaded and compiled)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise RuntimeError("the embedded server stopped while starting")
+            try:
+                with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"server at {self.http_url} not ready after {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def start_server(
+    engine_factory: Callable[[], PolicyEngine],
+    settings: ServerSettings | None = None,
+    *,
+    wait: bool = True,
+    timeout_s: float = 300.0,
+) -> RunningServer:
+    """Start the server on a thread; port 0 (the default here) picks a free local port."""
+    settings = settings or ServerSettings(port=0)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn_config(build_app(engine_factory, settings), settings))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"latentpi-server-{port}", daemon=True)
+    thread.start()
+    running = RunningServer(host=host, port=port, server=server, thread=thread)
+    if wait:
+        running.wait_ready(timeout_s)
+    return running

@@ -1,0 +1,58 @@
+"""How one server process is configured: a frozen dataclass the CLI, tests and the embedded mode build."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024  # a request is two images and a prompt: far below this
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Network, security and batching knobs of the policy server.
+
+    batch_sizes: the fixed batch sizes a batch is padded to, so nothing recompiles in steady state;
+    derived from max_batch (powers of two up to it) when not given.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch: int = 8
+    batch_window_ms: float = 5.0
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_queue: int = 256
+    batch_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch <= 256:
+            raise ValueError(f"max_batch: expected 1..256, received {self.max_batch}")
+        if not 0 <= self.batch_window_ms <= 10_000:
+            raise ValueError(f"batch_window_ms: expected 0..10000, received {self.batch_window_ms}")
+        if not 1024 <= self.max_frame_bytes <= 2**31:
+            raise ValueError(f"max_frame_bytes: expected 1 KiB..2 GiB, received {self.max_frame_bytes}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: expected 0..65535, received {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key: expected a non-empty string or none")
+        if not self.batch_sizes:
+            object.__setattr__(self, "batch_sizes", _powers_of_two_up_to(self.max_batch))
+        elif max(self.batch_sizes) < self.max_batch or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch_sizes: expected sizes >= 1 covering max_batch, received {self.batch_sizes}")
+
+    def padded_batch_size(self, count: int) -> int:
+        return min(size for size in sorted(self.batch_sizes) if size >= count)
+
+    def replace(self, **changes: object) -> ServerSettings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _powers_of_two_up_to(limit: int) -> tuple[int, ...]:
+    sizes = []
+    size = 1
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    sizes.append(limit)
+    return tuple(sizes)
