@@ -10,6 +10,7 @@
 #   PIP_FIND_LINKS  local wheel folder (CPU torch on these machines); passed to uv as --find-links
 #   TORCH_INDEX     index for the CPU torch when no find-links   (default: PyTorch's CPU index)
 #   LATENTPI_SKIP_APT=1  never call apt-get
+#   LATENTPI_JAX_CUDA=cuda12  (server) also install JAX's CUDA plugin matching the installed jax
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -118,6 +119,17 @@ install_libero() {
   "$VENV/bin/python" "$ROOT/scripts/wire_libero.py"
 }
 
+install_jax_cuda() {
+  local flavour="${LATENTPI_JAX_CUDA:-}"
+  [ -z "$flavour" ] && return
+  local version
+  version="$("$VENV/bin/python" -c 'import jax; print(jax.__version__)')"
+  stamp_ok "jax-$flavour" "$version" && return
+  log "installing jax[$flavour]==$version"
+  uv pip install --quiet --python "$VENV/bin/python" "jax[$flavour]==$version"
+  stamp_set "jax-$flavour" "$version"
+}
+
 main() {
   ensure_uv
   ensure_venv
@@ -129,6 +141,7 @@ main() {
       ;;
     server)
       install_member server
+      install_jax_cuda
       ;;
     client)
       ensure_apt
