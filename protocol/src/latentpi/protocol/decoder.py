@@ -1,0 +1,294 @@
+"""msgpack-numpy decoding that returns arrays as read-only views into the frame.
+
+A small msgpack walker instead of msgpack.unpackb: msgpack copies every bin into a new bytes object,
+while here an array map's `data` stays a slice of the frame and becomes a numpy view without a copy.
+Everything else decodes as msgpack-python would (raw=False, strict_map_key=True, lists for arrays),
+and every map with a `__ndarray__` / `__npgeneric__` key becomes an array / numpy scalar, as in
+`openpi_client.msgpack_numpy.unpackb`. Each length a frame claims is checked against the limits and
+the bytes left before anything is built, so a malformed frame costs at most its own size.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from typing import Any
+
+import numpy as np
+
+from latentpi.protocol.dtypes import (
+    BFLOAT16,
+    BFLOAT16_CARRIER,
+    BFLOAT16_NAME,
+    EXT_DTYPE_KEY,
+    parse_wire_dtype,
+)
+from latentpi.protocol.errors import ProtocolError
+from latentpi.protocol.limits import DEFAULT_LIMITS, Limits
+
+_ND_KEY = b"__ndarray__"
+_NPGENERIC_KEY = b"__npgeneric__"
+_DATA_KEY = b"data"
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+def unpackb(data: bytes | bytearray | memoryview, *, limits: Limits | None = None) -> Any:
+    """Decode one frame. Arrays are read-only views into `data` (keep `data` unchanged while they
+    live); anything malformed raises ProtocolError."""
+    limits = limits or DEFAULT_LIMITS
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise ProtocolError(
+            f"frame: expected bytes, bytearray or memoryview, received {type(data).__name__}"
+        ) from None
+    if not view.c_contiguous:
+        raise ProtocolError("frame: expected a contiguous buffer")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    if view.nbytes == 0:
+        raise ProtocolError("frame: empty")
+    if view.nbytes > limits.max_frame_bytes:
+        raise ProtocolError(
+            f"frame: {view.nbytes} bytes exceeds the limit of {limits.max_frame_bytes}"
+        )
+    decoder = _Decoder(view, limits)
+    obj = decoder.value(0)
+    if decoder.pos != view.nbytes:
+        raise ProtocolError(
+            f"frame: {view.nbytes - decoder.pos} trailing bytes after the message at offset {decoder.pos}"
+        )
+    return obj
+
+
+class _Decoder:
+    __slots__ = ("buf", "end", "limits", "objects", "pos", "total_elements")
+
+    def __init__(self, buf: memoryview, limits: Limits) -> None:
+        self.buf = buf
+        self.end = buf.nbytes
+        self.pos = 0
+        self.limits = limits
+        self.objects = 0
+        self.total_elements = 0
+
+    # -- primitives -----------------------------------------------------------------------------
+    def take(self, size: int, what: str) -> int:
+        """Advance over `size` bytes and return where they start."""
+        start = self.pos
+        if size > self.end - start:
+            raise ProtocolError(
+                f"truncated frame: {what} needs {size} bytes at offset {start}, {self.end - start} left"
+            )
+        self.pos = start + size
+        return start
+
+    def unpack(self, fmt: struct.Struct, what: str) -> Any:
+        return fmt.unpack_from(self.buf, self.take(fmt.size, what))[0]
+
+    def length(self, code: int, what: str, limit: int, min_item_bytes: int) -> int:
+        """A str/bin/array/map length from a 1, 2 or 4-byte field, bounded by `limit` and by what
+        the rest of the frame could hold."""
+        size = self.unpack(_LENGTHS[code], what)
+        if size > limit:
+            raise ProtocolError(
+                f"{what} of length {size} at offset {self.pos} exceeds the limit of {limit}"
+            )
+        if size * min_item_bytes > self.end - self.pos:
+            raise ProtocolError(
+                f"truncated frame: {what} of length {size} at offset {self.pos} cannot fit in the {self.end - self.pos} bytes left"
+            )
+        return size
+
+    # -- values ---------------------------------------------------------------------------------
+    def value(self, depth: int, raw_bin: bool = False) -> Any:
+        """One msgpack value; bin stays a memoryview slice when `raw_bin` (an array's data)."""
+        self.objects += 1
+        if self.objects > self.limits.max_objects:
+            raise ProtocolError(f"frame: more than {self.limits.max_objects} values")
+        code = self.buf[self.take(1, "a type byte")]
+        if code <= 0x7F:
+            return code
+        if code >= 0xE0:
+            return code - 0x100
+        if 0xA0 <= code <= 0xBF:
+            return self.text(code & 0x1F)
+        if 0x80 <= code <= 0x8F:
+            return self.map(code & 0x0F, depth)
+        if 0x90 <= code <= 0x9F:
+            return self.array(code & 0x0F, depth)
+        if code in _SCALARS:
+            return self.unpack(_SCALARS[code], "a number")
+        if code == 0xC0:
+            return None
+        if code == 0xC2:
+            return False
+        if code == 0xC3:
+            return True
+        if code in (0xD9, 0xDA, 0xDB):
+            return self.text(self.length(code, "a str", self.limits.max_str_bytes, 1))
+        if code in (0xC4, 0xC5, 0xC6):
+            size = self.length(code, "a bin", self.limits.max_bin_bytes, 1)
+            start = self.take(size, "a bin")
+            chunk = self.buf[start : start + size]
+            return chunk if raw_bin else bytes(chunk)
+        if code in (0xDC, 0xDD):
+            return self.array(self.length(code, "a list", self.limits.max_container_len, 1), depth)
+        if code in (0xDE, 0xDF):
+            return self.map(self.length(code, "a map", self.limits.max_container_len, 2), depth)
+        if code in _EXT_CODES:
+            raise ProtocolError(
+                f"msgpack ext type (byte 0x{code:02x}) at offset {self.pos - 1} is not supported"
+            )
+        raise ProtocolError(f"invalid msgpack type byte 0x{code:02x} at offset {self.pos - 1}")
+
+    def text(self, size: int) -> str:
+        start = self.take(size, "a str")
+        try:
+            return str(self.buf[start : start + size], "utf-8")
+        except UnicodeDecodeError as error:
+            raise ProtocolError(
+                f"str at offset {start} is not valid UTF-8 ({error.reason})"
+            ) from None
+
+    def enter(self, depth: int) -> int:
+        if depth >= self.limits.max_depth:
+            raise ProtocolError(
+                f"nesting deeper than the limit of {self.limits.max_depth} at offset {self.pos}"
+            )
+        return depth + 1
+
+    def array(self, size: int, depth: int) -> list[Any]:
+        if size > self.limits.max_container_len:
+            raise ProtocolError(
+                f"a list of length {size} exceeds the limit of {self.limits.max_container_len}"
+            )
+        depth = self.enter(depth)
+        return [self.value(depth) for _ in range(size)]
+
+    def map(self, size: int, depth: int) -> Any:
+        if size > self.limits.max_container_len:
+            raise ProtocolError(
+                f"a map of length {size} exceeds the limit of {self.limits.max_container_len}"
+            )
+        start = self.pos
+        depth = self.enter(depth)
+        out: dict[Any, Any] = {}
+        for _ in range(size):
+            key = self.value(depth)
+            if not isinstance(key, str | bytes):
+                raise ProtocolError(
+                    f"map at offset {start}: keys must be str or bytes, received {type(key).__name__} {key!r:.40}"
+                )
+            out[key] = self.value(depth, raw_bin=key == _DATA_KEY)
+        if _ND_KEY in out:
+            return self.ndarray(out, start)
+        if _NPGENERIC_KEY in out:
+            return self.npgeneric(out, start)
+        data = out.get(_DATA_KEY)
+        if isinstance(data, memoryview):
+            out[_DATA_KEY] = bytes(data)
+        return out
+
+    # -- numpy ----------------------------------------------------------------------------------
+    def ndarray(self, fields: dict[Any, Any], offset: int) -> np.ndarray:
+        where = f"array at offset {offset}"
+        data = fields.get(_DATA_KEY)
+        if not isinstance(data, memoryview):
+            raise ProtocolError(f"{where}: 'data' must be bin, received {type(data).__name__}")
+        dtype = _field_dtype(fields, where)
+        shape = fields.get(b"shape")
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+            raise ProtocolError(f"{where}: 'shape' must be a list of ints, received {shape!r:.80}")
+        if len(shape) > self.limits.max_ndim:
+            raise ProtocolError(
+                f"{where}: {len(shape)} dimensions exceeds the limit of {self.limits.max_ndim}"
+            )
+        count = 1
+        for dim in shape:
+            if dim < 0:
+                raise ProtocolError(f"{where}: negative dimension in shape {shape}")
+            count *= dim
+        if count > self.limits.max_array_elements:
+            raise ProtocolError(
+                f"{where}: shape {shape} has {count} elements, over the limit of {self.limits.max_array_elements}"
+            )
+        self.total_elements += count
+        if self.total_elements > self.limits.max_total_elements:
+            raise ProtocolError(
+                f"{where}: arrays hold more than {self.limits.max_total_elements} elements in total"
+            )
+        if count * dtype.itemsize != data.nbytes:
+            raise ProtocolError(
+                f"{where}: data has {data.nbytes} bytes but shape {shape} of dtype {dtype.str} needs {count * dtype.itemsize}"
+            )
+        array = np.ndarray(shape, dtype=dtype, buffer=data)
+        array.flags.writeable = False
+        if fields.get(EXT_DTYPE_KEY) is not None:
+            array = _as_bfloat16(array, fields[EXT_DTYPE_KEY], where)
+        return array
+
+    def npgeneric(self, fields: dict[Any, Any], offset: int) -> np.generic:
+        where = f"numpy scalar at offset {offset}"
+        dtype = _field_dtype(fields, where)
+        value = fields.get(_DATA_KEY)
+        if isinstance(value, memoryview):
+            value = bytes(value)
+        if dtype.kind == "b":
+            ok = isinstance(value, bool)
+        elif dtype.kind in "iu":
+            ok = type(value) is int and _int_range(dtype)[0] <= value <= _int_range(dtype)[1]
+        else:
+            ok = type(value) in (int, float)
+        if not ok:
+            raise ProtocolError(f"{where}: 'data' {value!r:.40} is not a valid {dtype} value")
+        scalar = dtype.type(value)
+        if fields.get(EXT_DTYPE_KEY) is not None:
+            scalar = _as_bfloat16(np.asarray(scalar), fields[EXT_DTYPE_KEY], where)[()]
+        return scalar
+
+
+def _field_dtype(fields: dict[Any, Any], where: str) -> np.dtype:
+    try:
+        return parse_wire_dtype(fields.get(b"dtype"))
+    except ProtocolError as error:
+        raise ProtocolError(f"{where}: {error}") from None
+
+
+def _int_range(dtype: np.dtype) -> tuple[int, int]:
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+def _as_bfloat16(bits: np.ndarray, name: object, where: str) -> np.ndarray:
+    if name != BFLOAT16_NAME:
+        raise ProtocolError(
+            f"{where}: unsupported {EXT_DTYPE_KEY.decode()} {name!r:.40}; only {BFLOAT16_NAME!r} is defined"
+        )
+    if bits.dtype != BFLOAT16_CARRIER:
+        raise ProtocolError(
+            f"{where}: {BFLOAT16_NAME} must travel as dtype '<u2', received {bits.dtype.str}"
+        )
+    if not _LITTLE_ENDIAN_HOST:
+        bits = bits.astype(np.uint16)  # byte-swapped copy on a big-endian host
+    return bits.view(BFLOAT16)
+
+
+_LENGTHS = {
+    **dict.fromkeys((0xC4, 0xD9), struct.Struct(">B")),
+    **dict.fromkeys((0xC5, 0xDA, 0xDC, 0xDE), struct.Struct(">H")),
+    **dict.fromkeys((0xC6, 0xDB, 0xDD, 0xDF), struct.Struct(">I")),
+}
+_SCALARS = {
+    0xCA: struct.Struct(">f"),
+    0xCB: struct.Struct(">d"),
+    0xCC: struct.Struct(">B"),
+    0xCD: struct.Struct(">H"),
+    0xCE: struct.Struct(">I"),
+    0xCF: struct.Struct(">Q"),
+    0xD0: struct.Struct(">b"),
+    0xD1: struct.Struct(">h"),
+    0xD2: struct.Struct(">i"),
+    0xD3: struct.Struct(">q"),
+}
+_EXT_CODES = frozenset((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))
