@@ -1,0 +1,248 @@
+"""pi0 / pi0.5: prefix (images + prompt) through expert 0, suffix (state + noisy actions) through
+expert 1, and flow-matching sampling.
+
+Sampling runs the prefix once, keeping its per-layer keys and values, then `num_steps` Euler steps
+from t = 1 (noise) towards t = 0, each running only the suffix through expert 1 against the cached
+prefix. The whole loop is one `lax.scan` inside whatever jit the caller builds.
+
+Masks follow big_vision's prefix-LM rule: each token has an "ar" flag; a token attends to valid
+tokens whose cumulative flag count is <= its own. Prefix flags are 0; the state token (pi0) and the
+first action token are 1. Positions count valid tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latentpi.server.model.configs import ModelConfig
+from latentpi.server.model.gemma import Gemma, LayerTap
+from latentpi.server.model.vision import SigLIP
+
+
+@flax.struct.dataclass
+class Observation:
+    """What the model sees, batched. Images are float in [-1, 1] or uint8 (converted here)."""
+
+    images: dict[str, jnp.ndarray]  # slot -> (B, H, W, 3)
+    image_masks: dict[str, jnp.ndarray]  # slot -> (B,) bool
+    state: jnp.ndarray  # (B, action_dim)
+    tokenized_prompt: jnp.ndarray  # (B, max_token_len) int32
+    tokenized_prompt_mask: jnp.ndarray  # (B, max_token_len) bool
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.state.shape[0])
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The prefix pass's results that the denoising steps and the capture need."""
+
+    kv_cache: tuple[jnp.ndarray, jnp.ndarray]  # (depth, B, P, K, H) each
+    mask: jnp.ndarray  # (B, P) valid prefix tokens
+    final_normed: jnp.ndarray  # (B, P, width_0)
+    taps: Any  # per-layer taps (depth leading) or None
+    last: jnp.ndarray  # (B, P, width_0) residual stream after the last layer
+
+
+def make_attn_mask(input_mask: jnp.ndarray, ar_mask: np.ndarray) -> jnp.ndarray:
+    """(B, N) valid tokens and (N,) ar flags -> (B, N, N) bool: query n may attend to key m."""
+    cumsum = jnp.cumsum(jnp.broadcast_to(ar_mask, input_mask.shape), axis=1)
+    causal = cumsum[:, None, :] <= cumsum[:, :, None]
+    return causal & input_mask[:, None, :] & input_mask[:, :, None]
+
+
+def posemb_sincos(
+    t: jnp.ndarray, width: int, min_period: float = 4e-3, max_period: float = 4.0
+) -> jnp.ndarray:
+    """Sine-cosine embedding (B, width) of scalar times t (B,), geometric periods, sin half first."""
+    fraction = jnp.linspace(0.0, 1.0, width // 2)
+    period = min_period * (max_period / min_period) ** fraction
+    angles = jnp.einsum(
+        "i,j->ij", t, 1.0 / period * 2 * jnp.pi, precision=jax.lax.Precision.HIGHEST
+    )
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def to_model_images(image: jnp.ndarray) -> jnp.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]; float images pass through."""
+    if image.dtype == jnp.uint8:
+        return image.astype(jnp.float32) / 255.0 * 2.0 - 1.0
+    return image
+
+
+class PaliGemma(nn.Module):
+    """The `PaliGemma` parameter group: `llm` (both experts) and `img` (SigLIP)."""
+
+    config: ModelConfig
+    tap: LayerTap | None = None
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.llm = Gemma((cfg.expert_0, cfg.expert_1), cfg.vocab_size, cfg.dtype, tap=self.tap)
+        self.img = SigLIP(cfg.vision, out_width=cfg.expert_0.width, dtype=cfg.dtype)
+
+
+class Pi0(nn.Module):
+    """The network. `tap`, when set, reduces every layer's residual stream inside the layer scan."""
+
+    config: ModelConfig
+    tap: LayerTap | None = None
+
+    def setup(self) -> None:
+        width = self.config.expert_1.width
+        self.PaliGemma = PaliGemma(self.config, self.tap)
+        self.action_in_proj = nn.Dense(width)
+        if self.config.pi05:
+            self.time_mlp_in = nn.Dense(width)
+            self.time_mlp_out = nn.Dense(width)
+        else:
+            self.state_proj = nn.Dense(width)
+            self.action_time_mlp_in = nn.Dense(width)
+            self.action_time_mlp_out = nn.Dense(width)
+        self.action_out_proj = nn.Dense(self.config.action_dim)
+
+    def __call__(self, obs: Observation, noise: jnp.ndarray) -> jnp.ndarray:
+        """One prefix pass and one denoising step: touches every parameter (for init)."""
+        prefix = self.prefix_pass(obs)
+        v_t, _, _ = self.velocity(
+            obs.state, noise, jnp.ones(noise.shape[0]), prefix.kv_cache, prefix.mask
+        )
+        return v_t
+
+    def embed_prefix(self, obs: Observation) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """-> tokens (B, P, width_0), valid mask (B, P). All prefix ar flags are 0."""
+        tokens, masks = [], []
+        for slot in self.config.image_slots:
+            image_tokens = self.PaliGemma.img(to_model_images(obs.images[slot]))
+            tokens.append(image_tokens)
+            masks.append(jnp.repeat(obs.image_masks[slot][:, None], image_tokens.shape[1], axis=1))
+        tokens.append(self.PaliGemma.llm.embed(obs.tokenized_prompt))
+        masks.append(obs.tokenized_prompt_mask)
+        return jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1).astype(bool)
+
+    def prefix_pass(self, obs: Observation) -> Prefix:
+        tokens, mask = self.embed_prefix(obs)
+        attn_mask = make_attn_mask(mask, np.zeros(mask.shape[1], bool))
+        positions = jnp.cumsum(mask, axis=1) - 1
+        (normed, _), (last, _), kv_cache, taps = self.PaliGemma.llm(
+            [tokens, None], positions, attn_mask, tap_aux=mask
+        )
+        return Prefix(kv_cache=kv_cache, mask=mask, final_normed=normed, taps=taps, last=last)
+
+    def embed_suffix(
+        self, state: jnp.ndarray, x_t: jnp.ndarray, time: jnp.ndarray
+    ) -> tuple[jnp.ndarray, np.ndarray, jnp.ndarray | None]:
+        """-> tokens (B, S, width_1), ar flags (S,), adaRMS conditioning (pi0.5) or None."""
+        horizon = self.config.action_horizon
+        action_tokens = self.action_in_proj(x_t)
+        time_emb = posemb_sincos(time, self.config.expert_1.width)
+        ar = np.zeros(horizon, bool)
+        ar[0] = True  # the prefix (and state) never attend to the actions
+        if self.config.pi05:
+            cond = nn.swish(self.time_mlp_out(nn.swish(self.time_mlp_in(time_emb))))
+            return action_tokens, ar, cond
+        time_tokens = jnp.repeat(time_emb[:, None, :], horizon, axis=1)
+        mixed = self.action_time_mlp_in(jnp.concatenate([action_tokens, time_tokens], axis=-1))
+        mixed = self.action_time_mlp_out(nn.swish(mixed))
+        state_token = self.state_proj(state)[:, None, :]
+        return jnp.concatenate([state_token, mixed], axis=1), np.concatenate([[True], ar]), None
+
+    def velocity(
+        self,
+        state: jnp.ndarray,
+        x_t: jnp.ndarray,
+        time: jnp.ndarray,
+        kv_cache: tuple[jnp.ndarray, jnp.ndarray],
+        prefix_mask: jnp.ndarray,
+    ) -> tuple[jnp.ndarray, Any, jnp.ndarray]:
+        """One denoising step's network call -> (v_t, per-layer taps, last-layer residual stream)."""
+        tokens, ar, cond = self.embed_suffix(state, x_t, time)
+        batch, length = tokens.shape[:2]
+        suffix_mask = jnp.ones((batch, length), bool)
+        to_prefix = jnp.repeat(prefix_mask[:, None, :], length, axis=1)
+        attn_mask = jnp.concatenate([to_prefix, make_attn_mask(suffix_mask, ar)], axis=-1)
+        positions = jnp.sum(prefix_mask, axis=-1)[:, None] + jnp.cumsum(suffix_mask, axis=-1) - 1
+        (_, normed), (_, last), _, taps = self.PaliGemma.llm(
+            [None, tokens],
+            positions,
+            attn_mask,
+            adarms_cond=[None, cond],
+            kv_cache=kv_cache,
+            tap_aux=prefix_mask,
+        )
+        v_t = self.action_out_proj(normed[:, -self.config.action_horizon :])
+        return v_t, taps, last
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    actions: jnp.ndarray  # (B, action_horizon, action_dim)
+    prefix: Prefix
+    step_outputs: Any  # per denoising step (leading axis): (v_t, taps, last residual) or the caller's reduction
+
+
+def sample_actions(
+    module: Pi0,
+    params: Any,
+    obs: Observation,
+    noise: jnp.ndarray,
+    reduce_step: Any = None,
+) -> SampleResult:
+    """Flow-matching sampling (traceable; jit it). `reduce_step(step, v_t, taps, last)`, if given,
+    maps each step's outputs to what the loop stacks (so unneeded steps can be dropped on the spot);
+    by default nothing per step is kept."""
+    variables = {"params": params}
+    num_steps = module.config.num_steps
+    dt = -1.0 / num_steps
+    batch = noise.shape[0]
+    prefix = module.apply(variables, obs, method=Pi0.prefix_pass)
+
+    def step(carry: tuple[jnp.ndarray, jnp.ndarray], index: jnp.ndarray):
+        x_t, time = carry
+        v_t, taps, last = module.apply(
+            variables,
+            obs.state,
+            x_t,
+            jnp.broadcast_to(time, (batch,)),
+            prefix.kv_cache,
+            prefix.mask,
+            method=Pi0.velocity,
+        )
+        kept = reduce_step(index, v_t, taps, last) if reduce_step is not None else None
+        return (x_t + dt * v_t, time + dt), kept
+
+    # t runs 1, 1 + dt, ... accumulated in float32 exactly as openpi's while loop does.
+    (actions, _), kept = jax.lax.scan(step, (noise, jnp.float32(1.0)), jnp.arange(num_steps))
+    return SampleResult(actions=actions, prefix=prefix, step_outputs=kept)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1) -> Any:
+    """Random parameters (float32), for tests and benchmarks."""
+    obs, noise = fake_inputs(config, batch)
+    return Pi0(config).init(rng, obs, noise)["params"]
+
+
+def param_shapes(config: ModelConfig) -> Any:
+    """The parameter tree as ShapeDtypeStructs, without allocating anything."""
+    obs, noise = fake_inputs(config, 1)
+    return jax.eval_shape(lambda: Pi0(config).init(jax.random.key(0), obs, noise))["params"]
+
+
+def fake_inputs(config: ModelConfig, batch: int) -> tuple[Observation, jnp.ndarray]:
+    height, width = config.vision.image_size
+    obs = Observation(
+        images={s: jnp.zeros((batch, height, width, 3), jnp.float32) for s in config.image_slots},
+        image_masks={s: jnp.ones((batch,), bool) for s in config.image_slots},
+        state=jnp.zeros((batch, config.action_dim), jnp.float32),
+        tokenized_prompt=jnp.zeros((batch, config.max_token_len), jnp.int32),
+        tokenized_prompt_mask=jnp.ones((batch, config.max_token_len), bool),
+    )
+    return obs, jnp.zeros((batch, config.action_horizon, config.action_dim), jnp.float32)
