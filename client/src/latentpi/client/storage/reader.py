@@ -1,0 +1,145 @@
+"""Lazy reading of a task file: nothing is loaded until an array is sliced.
+
+with TaskFile(path) as task:
+    task.attrs["instruction"], task.latent_spec
+    for episode in task.episodes:
+        episode.success, episode.names
+        last_layer = episode["text_only_hidden_states"][:, -1]   # reads only that layer
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import h5py
+import numpy as np
+
+from latentpi.client.storage.encoding import AXES_ATTR, decode, logical_dtype
+from latentpi.client.storage.layout import decode_attrs, episode_index
+from latentpi.protocol.latent_spec import LatentSpec
+
+
+class LazyArray:
+    """One stored array; indexing reads only the selected chunks (bfloat16 viewed back)."""
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self._dataset = dataset
+        self.dtype = logical_dtype(dataset.dtype, dataset.attrs)
+        self.axes: tuple[str, ...] = tuple(str(a) for a in dataset.attrs.get(AXES_ATTR, ()))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._dataset.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return decode(np.asarray(self._dataset[key]), self.dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self[()]
+        return array if dtype is None else array.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"LazyArray({self._dataset.name}, shape={self.shape}, dtype={self.dtype}, axes={self.axes})"
+
+
+class EpisodeView:
+    """One episode's metadata and lazy arrays (`timesteps`, `actions`, `states`, latents by name,
+    `images/image`, `images/wrist_image`)."""
+
+    def __init__(self, group: h5py.Group) -> None:
+        self._group = group
+        self.attrs: dict[str, Any] = decode_attrs(group.attrs)
+
+    @property
+    def index(self) -> int:
+        return int(self.attrs["episode_idx"])
+
+    @property
+    def success(self) -> bool:
+        return bool(self.attrs["success"])
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.attrs["total_steps"])
+
+    @property
+    def init_state_idx(self) -> int:
+        return int(self.attrs["init_state_idx"])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.attrs["num_samples"])
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        names: list[str] = []
+        self._group.visititems(
+            lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
+        )
+        return tuple(sorted(names))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> LazyArray:
+        item = self._group.get(name)
+        if not isinstance(item, h5py.Dataset):
+            raise KeyError(
+                f"{self._group.name} has no array {name!r}; it has {', '.join(self.names)}"
+            )
+        return LazyArray(item)
+
+    def axes(self, name: str) -> tuple[str, ...]:
+        return self[name].axes
+
+    def __repr__(self) -> str:
+        return f"EpisodeView({self.index}, success={self.success}, samples={self.num_samples})"
+
+
+class TaskFile:
+    """A task file opened read-only; episodes reached through external links are opened on access."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = h5py.File(self.path, "r")
+        self.attrs: dict[str, Any] = decode_attrs(self._file.attrs)
+
+    @property
+    def latent_spec(self) -> LatentSpec:
+        return LatentSpec.from_wire(self.attrs["latent_spec"])
+
+    @property
+    def episodes(self) -> list[EpisodeView]:
+        names = sorted(
+            (index, name) for name in self._file if (index := episode_index(name)) is not None
+        )
+        return [EpisodeView(self._file[name]) for _, name in names]
+
+    def episode(self, index: int) -> EpisodeView:
+        for episode in self.episodes:
+            if episode.index == index:
+                return episode
+        raise KeyError(f"{self.path} has no episode {index}")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> TaskFile:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,306 @@
+"""Crash-safe, resumable writing of a task's episodes (design and reasoning: docs/data-format.md).
+
+An episode is written to `<task>.h5.d/episode_XXXX.h5.tmp` sample by sample, and published (fsync,
+atomic rename to `.h5`) only once complete. The task file is then rewritten as a new small index of
+external links under a temporary name and atomically replaced. A kill at any moment therefore
+leaves: finished episodes in published files, at most one `.tmp` (removed on the next open), and a
+task file that is either the old index or the new one. `consolidate` copies every episode into one
+self-contained task file, replaces the index with it atomically, and only then removes the folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import h5py
+import numpy as np
+
+from latentpi.client.rollout import EpisodeResult, Sample
+from latentpi.client.storage.encoding import AXES_ATTR, chunk_shape, encode
+from latentpi.client.storage.files import fsync_path, publish, remove
+from latentpi.client.storage.layout import (
+    TaskHeader,
+    check_identity,
+    decode_attrs,
+    episode_dir,
+    group_name,
+)
+from latentpi.client.storage.sources import own_groups, sources
+from latentpi.protocol.errors import ValidationError
+
+COMPRESSIONS = ("lzf", "gzip", "none")
+
+
+class TaskWriter:
+    """The one writer of a task file. Opening recovers from a crash and checks the header."""
+
+    def __init__(self, path: str | Path, header: TaskHeader, *, compression: str = "lzf") -> None:
+        if compression not in COMPRESSIONS:
+            raise ValidationError("compression", f"one of {', '.join(COMPRESSIONS)}", compression)
+        self.path = Path(path)
+        self.dir = episode_dir(self.path)
+        self.compression = compression
+        self._attrs = header.attrs()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock: int | None = _lock(self.dir)
+        try:
+            self._recover()
+        except BaseException:
+            self._release()
+            raise
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def completed(self) -> frozenset[int]:
+        return frozenset(sources(self.dir)) | frozenset(own_groups(self.path))
+
+    def episode(
+        self,
+        episode_idx: int,
+        *,
+        init_state_idx: int,
+        seed: int,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> EpisodeWriter:
+        """Start episode `episode_idx`; refused when it is already complete (never duplicated)."""
+        if episode_idx in self.completed:
+            raise ValidationError(
+                "episode_idx", "an episode not yet written to this task file", episode_idx
+            )
+        self._unpack()
+        attrs = {
+            "episode_idx": episode_idx,
+            "init_state_idx": init_state_idx,
+            "seed": seed,
+            **(attrs or {}),
+        }
+        return EpisodeWriter(self, episode_idx, attrs)
+
+    # -- publishing -------------------------------------------------------------------------------
+    def _published(self) -> None:
+        """Called by an EpisodeWriter after its file got its final name."""
+        self._write_index()
+
+    def consolidate(self) -> None:
+        """Copy every episode into one self-contained task file; then drop the episode folder."""
+        found = sources(self.dir)
+        if not found:
+            return
+        tmp = _tmp(self.path)
+        with h5py.File(tmp, "w") as out:
+            out.attrs.update(self._root_attrs())
+            for index, source in sorted(found.items()):
+                with h5py.File(source, "r") as src:
+                    src.copy(src[group_name(index)], out, name=group_name(index))
+        publish(tmp, self.path)
+        for source in set(found.values()):
+            remove(source)
+
+    def close(self, *, consolidate: bool = False) -> None:
+        try:
+            if consolidate:
+                self.consolidate()
+        finally:
+            self._release()
+
+    def __enter__(self) -> TaskWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        for leftover in [*self.dir.glob("*.tmp"), _tmp(self.path)]:
+            remove(leftover)
+        stored = self._stored_attrs()
+        if stored is not None:
+            check_identity(self.path, stored, decode_attrs(self._attrs))
+            self._attrs["created"] = stored.get("created", self._attrs["created"])
+        own = own_groups(self.path)
+        if own:
+            # A consolidated file: drop episode files it already holds (a crash after its replace).
+            for index, source in sources(self.dir).items():
+                if index in own:
+                    remove(source)
+            if not sources(self.dir):
+                return
+            self._unpack()
+        self._write_index()
+
+    def _stored_attrs(self) -> dict[str, Any] | None:
+        candidates = [self.path] if self.path.exists() else []
+        candidates += sorted(set(sources(self.dir).values()))
+        for candidate in candidates:
+            with h5py.File(candidate, "r") as f:
+                return decode_attrs(f.attrs)
+        return None
+
+    def _root_attrs(self) -> dict[str, Any]:
+        return self._attrs
+
+    def _unpack(self) -> None:
+        """Before adding episodes to a self-contained task file, move it into the folder as a
+        source (`base_XXXX.h5`), so the index can link into it like into an episode file."""
+        if not own_groups(self.path):
+            return
+        number = len(list(self.dir.glob("base_*.h5")))
+        os.replace(self.path, self.dir / f"base_{number:04d}.h5")
+        fsync_path(self.dir)
+        self._write_index()
+
+    def _write_index(self) -> None:
+        tmp = _tmp(self.path)
+        with h5py.File(tmp, "w") as out:
+            out.attrs.update(self._root_attrs())
+            for index, source in sorted(sources(self.dir).items()):
+                target = os.path.relpath(source, self.path.parent)
+                out[group_name(index)] = h5py.ExternalLink(target, "/" + group_name(index))
+        publish(tmp, self.path)
+
+    def _release(self) -> None:
+        if self._lock is None:
+            return
+        if not sources(self.dir) and own_groups(self.path):
+            shutil.rmtree(self.dir)  # consolidated: nothing left in the folder but the lock
+        os.close(self._lock)
+        self._lock = None
+
+
+class EpisodeWriter:
+    """Appends samples to one episode's temporary file; `finish` publishes it, `abort` drops it."""
+
+    def __init__(self, task: TaskWriter, episode_idx: int, attrs: dict[str, Any]) -> None:
+        self._task = task
+        self.final = task.dir / f"{group_name(episode_idx)}.h5"
+        self.tmp = _tmp(self.final)
+        self._file: h5py.File | None = h5py.File(self.tmp, "w")
+        self._file.attrs.update(task._root_attrs())
+        self._group = self._file.create_group(group_name(episode_idx))
+        self._group.attrs.update(attrs)
+        self._count = 0
+
+    def add(self, sample: Sample) -> None:
+        arrays = _sample_arrays(sample)
+        if self._count == 0:
+            for name, (array, axes) in arrays.items():
+                self._create(name, array, axes)
+        expected = self._names()
+        if set(arrays) != expected:
+            raise ValidationError(
+                "sample arrays", f"the names of the first sample {sorted(expected)}", sorted(arrays)
+            )
+        for name, (array, _) in arrays.items():
+            dataset = self._group[name]
+            stored, _ = encode(np.asarray(array))
+            if stored.shape != dataset.shape[1:] or stored.dtype != dataset.dtype:
+                raise ValidationError(
+                    name, f"dtype {dataset.dtype} shape {dataset.shape[1:]}", array
+                )
+            dataset.resize(self._count + 1, axis=0)
+            dataset[self._count] = stored
+        self._count += 1
+
+    def finish(self, result: EpisodeResult) -> None:
+        """Write the outcome, close and publish; from here the episode survives any crash."""
+        assert self._file is not None, "episode already finished or aborted"
+        self._group.attrs.update(
+            {
+                "success": bool(result.success),
+                "total_steps": int(result.total_steps),
+                "num_queries": int(result.num_queries),
+                "num_samples": int(self._count),
+                "duration_s": float(result.duration_s),
+            }
+        )
+        self._file.close()
+        self._file = None
+        publish(self.tmp, self.final)
+        self._task._published()
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        remove(self.tmp)
+
+    def __enter__(self) -> EpisodeWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._file is not None:
+            self.abort()
+
+    def _create(self, name: str, array: np.ndarray, axes: tuple[str, ...]) -> None:
+        stored, attrs = encode(np.asarray(array))
+        compression = None if self._task.compression == "none" else self._task.compression
+        dataset = self._group.create_dataset(
+            name,
+            shape=(0, *stored.shape),
+            maxshape=(None, *stored.shape),
+            dtype=stored.dtype,
+            chunks=chunk_shape(stored.shape, stored.dtype.itemsize),
+            compression=compression,
+            compression_opts=1 if compression == "gzip" else None,
+            shuffle=compression is not None,
+        )
+        dataset.attrs.update(attrs)
+        dataset.attrs[AXES_ATTR] = ["sample", *axes]
+
+    def _names(self) -> set[str]:
+        names: set[str] = set()
+        self._group.visititems(
+            lambda name, obj: names.add(name) if isinstance(obj, h5py.Dataset) else None
+        )
+        return names
+
+
+def _sample_arrays(sample: Sample) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    arrays: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {
+        "timesteps": (np.asarray(sample.timestep, dtype=np.int32), ()),
+        "actions": (np.asarray(sample.actions), ("horizon", "action")),
+        "states": (np.asarray(sample.state), ("state",)),
+    }
+    for name, array in sample.latents.items():
+        if name in arrays or "/" in name:
+            raise ValidationError(
+                "latent name", "a name other than timesteps/actions/states, without '/'", name
+            )
+        arrays[name] = (
+            array,
+            tuple(sample.axes.get(name, ())) or tuple(f"axis_{i}" for i in range(array.ndim)),
+        )
+    for name, image in sample.images.items():
+        arrays[f"images/{name}"] = (image, ("height", "width", "channel"))
+    return arrays
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _lock(folder: Path) -> int:
+    """An advisory lock (released by the kernel if the process dies): one writer per task."""
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"{folder} is being written by another process") from None
+    return fd
