@@ -179,7 +179,12 @@ def _stored_params(
     except Exception as e:  # orbax raises many types for a directory that is not a checkpoint.
         raise CheckpointError(f"{params_path}: cannot read orbax metadata: {e}") from e
     # orbax >= 0.12 wraps the tree in a step metadata object; older versions return the tree.
-    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    item = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(item, "tree", item)
+    if tree is None:
+        raise CheckpointError(
+            f"{params_path}: no tree metadata (damaged, or not a PyTree checkpoint)"
+        )
     if not isinstance(tree, Mapping) or "params" not in tree:
         keys = list(tree) if isinstance(tree, Mapping) else type(tree).__name__
         raise CheckpointError(f"{params_path}: expected a top-level item 'params', found {keys}")
