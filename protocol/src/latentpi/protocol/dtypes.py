@@ -51,6 +51,9 @@ def parse_wire_dtype(text: object) -> np.dtype:
             f"array dtype: expected a str such as '<f4', received {type(text).__name__}"
         )
     if _WIRE_DTYPE.fullmatch(text) is None:
+        kind = text.lstrip("<>|=")[:1]
+        if kind in _WHY_NOT:
+            raise ProtocolError(f"array dtype {text[:40]!r}: {_WHY_NOT[kind]}")
         raise ProtocolError(
             f"array dtype: expected bool, int/uint of 1-8 bytes or float16/32/64 ('<f4', '|u1', ...), "
             f"received {text[:40]!r}"
