@@ -159,7 +159,9 @@ def train_tiny_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = 512)
 
     Same special ids as PaliGemma's (pad 0, eos 1, bos 2, unk 3), no normalization and no dummy
     prefix, a "\\n" piece and byte fallback, so every prompt tokenizes (no unknowns) with the same
-    layout as the real tokenizer. Deterministic and fast (about 10 ms).
+    layout as the real tokenizer. Deterministic and fast (about 10 ms). `vocab_size` is an upper
+    bound: the built-in corpus supports about 830 pieces, so larger requests give fewer (512 is
+    exact). Ids stay far below PaliGemma's 257,152, so the tiny model configs' embedding fits.
     """
     if not 262 <= vocab_size <= PALIGEMMA_VOCAB_SIZE:
         raise ValueError(
