@@ -188,6 +188,8 @@ BAD_REQUESTS = [
     ("observation/image", {"image": np.zeros((3, 224, 224), np.uint8)}),
     ("observation/image", {"image": np.zeros((2000, 224, 3), np.uint8)}),
     ("observation/image", {"image": [[0, 1, 2]]}),
+    ("observation/image", {"image": np.zeros((1, 300, 3), np.uint8)}),
+    ("observation/image", {"image": np.zeros((0, 0, 3), np.uint8)}),
     ("observation/wrist_image", {"wrist_image": np.zeros((224, 224, 4), np.uint8)}),
     ("observation/state", {"state": np.zeros(7)}),
     ("observation/state", {"state": np.array([np.nan] * 8)}),

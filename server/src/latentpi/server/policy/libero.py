@@ -79,12 +79,19 @@ class LiberoInputs:
         }
 
     def _image(self, value: Any, field: str) -> np.ndarray:
-        expected = f"uint8 array (height, width, 3), sides 1..{self.max_image_side}"
+        expected = (
+            f"uint8 array (height, width, 3), sides 1..{self.max_image_side}, "
+            f"aspect ratio at most {MODEL_IMAGE_SIZE}:1"
+        )
         if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 3:
             raise ValidationError(field, expected, value)
         height, width, channels = value.shape
-        if channels != 3 or not (
-            1 <= height <= self.max_image_side and 1 <= width <= self.max_image_side
+        sides_ok = min(height, width) >= 1 and max(height, width) <= self.max_image_side
+        # A thinner image would shrink to zero pixels across when resized to 224.
+        if (
+            channels != 3
+            or not sides_ok
+            or max(height, width) > MODEL_IMAGE_SIZE * min(height, width)
         ):
             raise ValidationError(field, expected, value)
         return value
