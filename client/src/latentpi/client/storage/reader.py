@@ -17,7 +17,8 @@ import h5py
 import numpy as np
 
 from latentpi.client.storage.encoding import AXES_ATTR, decode, logical_dtype
-from latentpi.client.storage.layout import decode_attrs, episode_index
+from latentpi.client.storage.layout import decode_attrs, episode_dir, episode_index, group_name
+from latentpi.client.storage.sources import sources
 from latentpi.protocol.latent_spec import LatentSpec
 
 
@@ -106,12 +107,27 @@ class EpisodeView:
 
 
 class TaskFile:
-    """A task file opened read-only; episodes reached through external links are opened on access."""
+    """A task file opened read-only; episodes reached through external links are opened on access.
+
+    An episode published after the index was last written (the collector killed between the two)
+    is read from its own file in the episode folder, so no finished episode is ever missing.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._file = h5py.File(self.path, "r")
         self.attrs: dict[str, Any] = decode_attrs(self._file.attrs)
+        self._groups: dict[int, h5py.Group] = {}
+        self._extra: list[h5py.File] = []
+        for name in self._file:
+            index = episode_index(name)
+            if index is not None and _resolves(self._file, name):
+                self._groups[index] = self._file[name]
+        for index, source in sources(episode_dir(self.path)).items():
+            if index not in self._groups:
+                extra = h5py.File(source, "r")
+                self._extra.append(extra)
+                self._groups[index] = extra[group_name(index)]
 
     @property
     def latent_spec(self) -> LatentSpec:
@@ -119,18 +135,16 @@ class TaskFile:
 
     @property
     def episodes(self) -> list[EpisodeView]:
-        names = sorted(
-            (index, name) for name in self._file if (index := episode_index(name)) is not None
-        )
-        return [EpisodeView(self._file[name]) for _, name in names]
+        return [EpisodeView(group) for _, group in sorted(self._groups.items())]
 
     def episode(self, index: int) -> EpisodeView:
-        for episode in self.episodes:
-            if episode.index == index:
-                return episode
-        raise KeyError(f"{self.path} has no episode {index}")
+        if index not in self._groups:
+            raise KeyError(f"{self.path} has no episode {index}; it has {sorted(self._groups)}")
+        return EpisodeView(self._groups[index])
 
     def close(self) -> None:
+        for extra in self._extra:
+            extra.close()
         self._file.close()
 
     def __enter__(self) -> TaskFile:
@@ -143,3 +157,11 @@ class TaskFile:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _resolves(file: h5py.File, name: str) -> bool:
+    """False for an external link whose target file is gone (e.g. removed by hand)."""
+    try:
+        return file.get(name) is not None
+    except (KeyError, OSError):
+        return False
