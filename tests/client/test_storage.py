@@ -20,12 +20,20 @@ from latentpi.client.storage import (
     task_path,
 )
 from latentpi.protocol import ValidationError, preset
+from latentpi.protocol.latent_layout import ArrayLayout
 
 LAYERS, PROMPT, WIDTH = 5, 12, 64
-AXES = {
-    "text_only_hidden_states": ("layer", "position", "hidden"),
-    "expert_1_hidden_states": ("step", "layer", "position", "hidden"),
-    "prompt_mask": ("position",),
+LAYOUTS = {
+    "text_only_hidden_states": ArrayLayout(
+        ("layer", "position", "hidden"),
+        (LAYERS, PROMPT, WIDTH),
+        "bfloat16",
+        {"layers": [0, 1, 2, 3, 4]},
+    ),
+    "expert_1_hidden_states": ArrayLayout(
+        ("step", "layer", "position", "hidden"), (1, LAYERS, 3, WIDTH), "float32", {"steps": [9]}
+    ),
+    "prompt_mask": ArrayLayout(("position",), (PROMPT,), "bool"),
 }
 
 
@@ -60,7 +68,7 @@ def make_sample(episode: int, index: int, images: bool = True) -> Sample:
         actions=rng.normal(size=(10, 7)),
         state=rng.normal(size=8),
         latents=latents,
-        axes=AXES,
+        layouts=LAYOUTS,
         images={"image": rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)} if images else {},
     )
 
@@ -137,6 +145,8 @@ def test_round_trip_arrays_bit_exact_and_attributes(path: Path) -> None:
         )
         assert first["actions"].axes == ("sample", "horizon", "action")
         assert first["prompt_mask"].dtype == np.bool_
+        assert first["expert_1_hidden_states"].layout["steps"] == [9]
+        assert first["text_only_hidden_states"].layout["shape"] == [LAYERS, PROMPT, WIDTH]
         assert np.asarray(second["text_only_hidden_states"]).shape == (2, LAYERS, PROMPT, WIDTH)
 
 
@@ -162,7 +172,7 @@ def test_lazy_read_does_not_load_the_whole_array(path: Path) -> None:
                     np.zeros((10, 7)),
                     np.zeros(8),
                     {"x": big + index},
-                    {"x": ("layer", "position", "hidden")},
+                    {"x": ArrayLayout(("layer", "position", "hidden"), big.shape, "float32")},
                 )
             )
         out.finish(EpisodeResult(False, 15, 3, 3, 1.0, 0))
@@ -241,10 +251,10 @@ def test_samples_must_keep_their_names_and_shapes(path: Path) -> None:
         bad = make_sample(0, 1)
         wrong_shape = dict(bad.latents, prompt_mask=np.ones(PROMPT + 1, dtype=bool))
         with pytest.raises(ValidationError, match="prompt_mask: expected dtype bool shape"):
-            out.add(Sample(1, bad.actions, bad.state, wrong_shape, AXES, bad.images))
+            out.add(Sample(1, bad.actions, bad.state, wrong_shape, LAYOUTS, bad.images))
         missing = {k: v for k, v in bad.latents.items() if k != "prompt_mask"}
         with pytest.raises(ValidationError, match="sample arrays"):
-            out.add(Sample(1, bad.actions, bad.state, missing, AXES, bad.images))
+            out.add(Sample(1, bad.actions, bad.state, missing, LAYOUTS, bad.images))
 
 
 def test_one_writer_per_task_and_bad_compression(path: Path) -> None:

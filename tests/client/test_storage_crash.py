@@ -65,7 +65,7 @@ CHILD = textwrap.dedent(
         rng = np.random.default_rng(100 * episode + index)
         hidden = rng.normal(size=(8, 48, 256)).astype(ml_dtypes.bfloat16)
         return Sample(index * 5, np.full((10, 7), episode + index / 10), np.full(8, float(episode)),
-                      {"text_only_hidden_states": hidden}, {"text_only_hidden_states": ("layer", "position", "hidden")})
+                      {"text_only_hidden_states": hidden}, {})
 
     header = TaskHeader(suite="libero_goal", task_id=1, task_name="open_the_drawer", instruction="open the drawer",
                         bddl_file="x.bddl", model_config="pi0_libero", checkpoint="ckpt", latent_spec=preset("default"))

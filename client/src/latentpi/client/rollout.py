@@ -10,8 +10,9 @@ Sampling. A query at step t collects latents when the actions it commits to cove
 multiple of `stride`: some t' in [t, t + replan_steps) with t' % stride == 0. With `stride` a
 multiple of `replan_steps` (the usual case) that is exactly t % stride == 0; `stride` <= replan_steps
 samples every query. A sample holds t (as `timesteps`), the whole returned chunk, the state sent,
-the latents by name with their axis names, and optionally the two images sent. Samples go to
-`on_sample` as they arrive; nothing is kept here.
+the latents by name with their layouts (axes, and labels: which layers, steps, segments) and,
+optionally, the two images sent. Samples go to `on_sample` as they arrive; nothing is kept here.
+Exceptions (policy, env) propagate: the caller decides whether an episode is retried.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import numpy as np
 from latentpi.client.libero_env import DUMMY_ACTION, POLICY_RESOLUTION, LiberoObservation, TaskInfo
 from latentpi.client.libero_env import load_init_states as _load_init_states
 from latentpi.protocol.errors import ValidationError
+from latentpi.protocol.latent_layout import ArrayLayout
 from latentpi.protocol.latent_spec import DEFAULT_PRESET, LatentSpec, preset
+from latentpi.protocol.messages import PolicyResponse
 
 ACTION_DIM = 7
 # Response keys that are not latents (openpi's, ours); every other array is a latent, by name.
@@ -48,7 +51,7 @@ class Sample:
     actions: np.ndarray  # (horizon, 7) the whole returned chunk
     state: np.ndarray  # (8,) the state sent
     latents: Mapping[str, np.ndarray]  # name -> array, server's batch axis already stripped
-    axes: Mapping[str, tuple[str, ...]]  # name -> axis names, from the response's latent_layout
+    layouts: Mapping[str, ArrayLayout]  # name -> axes, shape, dtype, labels (from latent_layout)
     images: Mapping[str, np.ndarray] = field(default_factory=dict)  # "image", "wrist_image"
 
 
@@ -83,7 +86,7 @@ def run_episode(
     init_states: np.ndarray | None = None,
     resolution: int = POLICY_RESOLUTION,
 ) -> EpisodeResult:
-    """Run one episode from init state `init_state_idx`; exceptions (policy, env) propagate."""
+    """Run one episode from init state `init_state_idx` (see the module doc for steps and sampling)."""
     _check_positive("stride", stride)
     _check_positive("replan_steps", replan_steps)
     max_steps = task.max_steps if max_steps is None else max_steps
@@ -109,14 +112,13 @@ def run_episode(
             request = observation.to_request(task.instruction)
             if sampled:
                 request |= {"collect_latents": True, "latent_spec": spec.to_wire()}
-            response = policy.infer(request)
-            actions = _actions(response, replan_steps)
+            response = _parse(policy.infer(request), replan_steps)
             queries += 1
             if sampled:
                 samples += 1
                 if on_sample is not None:
-                    on_sample(_sample(step, actions, observation, response, record_images))
-            plan.extend(actions[:replan_steps])
+                    on_sample(_sample(step, response, observation, record_images))
+            plan.extend(response.actions[:replan_steps])
         obs, _, done, _ = env.step(plan.popleft().tolist())
         step += 1
         if bool(done):
@@ -137,46 +139,21 @@ def _check_positive(name: str, value: int) -> None:
         raise ValidationError(name, "a positive integer", value)
 
 
-def _actions(response: Mapping[str, Any], replan_steps: int) -> np.ndarray:
-    actions = response.get("actions") if isinstance(response, Mapping) else None
-    if not isinstance(actions, np.ndarray) or actions.ndim != 2 or actions.shape[1] != ACTION_DIM:
-        raise ValidationError("actions", f"an array of shape (horizon, {ACTION_DIM})", actions)
-    if actions.shape[0] < replan_steps:
-        raise ValidationError("actions", f"at least replan_steps={replan_steps} actions", actions)
-    return actions
-
-
-def split_latents(
-    response: Mapping[str, Any],
-) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, ...]]]:
-    """The latent arrays of a response (under `latents`, or at its top level) and their axis names."""
-    nested = response.get("latents")
-    source = nested if isinstance(nested, Mapping) else response
-    latents = {
-        str(name): value
-        for name, value in source.items()
-        if isinstance(value, np.ndarray) and name not in NON_LATENT_KEYS
-    }
-    layout = response.get("latent_layout")
-    layout = layout if isinstance(layout, Mapping) else {}
-    axes = {}
-    for name, value in latents.items():
-        names = layout.get(name)
-        if isinstance(names, list | tuple) and len(names) == value.ndim:
-            axes[name] = tuple(str(n) for n in names)
-        else:
-            axes[name] = tuple(f"axis_{i}" for i in range(value.ndim))
-    return latents, axes
+def _parse(response: Any, replan_steps: int) -> PolicyResponse:
+    """Check a response (openpi's or ours): actions (horizon >= replan_steps, 7), latents with layouts."""
+    parsed = PolicyResponse.from_wire(response)
+    if parsed.actions.shape[1] != ACTION_DIM or parsed.actions.shape[0] < replan_steps:
+        raise ValidationError(
+            "actions",
+            f"an array of shape (horizon >= replan_steps={replan_steps}, {ACTION_DIM})",
+            parsed.actions,
+        )
+    return parsed
 
 
 def _sample(
-    step: int,
-    actions: np.ndarray,
-    observation: LiberoObservation,
-    response: Mapping[str, Any],
-    record_images: bool,
+    step: int, response: PolicyResponse, observation: LiberoObservation, record_images: bool
 ) -> Sample:
-    latents, axes = split_latents(response)
     images = (
         {"image": observation.image, "wrist_image": observation.wrist_image}
         if record_images
@@ -184,9 +161,9 @@ def _sample(
     )
     return Sample(
         timestep=step,
-        actions=actions,
+        actions=response.actions,
         state=observation.state,
-        latents=latents,
-        axes=axes,
+        latents=dict(response.latents),
+        layouts=dict(response.latent_layout),
         images=images,
     )

@@ -15,6 +15,7 @@ import numpy as np
 
 LOGICAL_DTYPE_ATTR = "logical_dtype"
 AXES_ATTR = "axes"
+LAYOUT_ATTR = "layout"  # the response's latent_layout entry (JSON): shape, dtype, labels
 CHUNK_TARGET_BYTES = 1 << 20
 _VIEWS = {"bfloat16": (np.dtype(ml_dtypes.bfloat16), np.dtype(np.uint16))}
 

@@ -9,6 +9,7 @@ with TaskFile(path) as task:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from latentpi.client.storage.encoding import AXES_ATTR, decode, logical_dtype
+from latentpi.client.storage.encoding import AXES_ATTR, LAYOUT_ATTR, decode, logical_dtype
 from latentpi.client.storage.layout import decode_attrs, episode_dir, episode_index, group_name
 from latentpi.client.storage.sources import sources
 from latentpi.protocol.latent_spec import LatentSpec
@@ -29,6 +30,9 @@ class LazyArray:
         self._dataset = dataset
         self.dtype = logical_dtype(dataset.dtype, dataset.attrs)
         self.axes: tuple[str, ...] = tuple(str(a) for a in dataset.attrs.get(AXES_ATTR, ()))
+        # the server's description of one sample (shape, dtype, which layers/steps/segments)
+        layout = dataset.attrs.get(LAYOUT_ATTR)
+        self.layout: dict[str, Any] = json.loads(layout) if layout is not None else {}
 
     @property
     def shape(self) -> tuple[int, ...]:

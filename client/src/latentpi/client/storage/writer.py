@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from latentpi.client.rollout import EpisodeResult, Sample
-from latentpi.client.storage.encoding import AXES_ATTR, chunk_shape, encode
+from latentpi.client.storage.encoding import AXES_ATTR, LAYOUT_ATTR, chunk_shape, encode
 from latentpi.client.storage.files import fsync_path, publish, remove
 from latentpi.client.storage.layout import (
     TaskHeader,
@@ -30,6 +30,7 @@ from latentpi.client.storage.layout import (
     decode_attrs,
     episode_dir,
     group_name,
+    to_json,
 )
 from latentpi.client.storage.sources import own_groups, sources
 from latentpi.protocol.errors import ValidationError
@@ -194,8 +195,8 @@ class EpisodeWriter:
     def add(self, sample: Sample) -> None:
         arrays = _sample_arrays(sample)
         if self._count == 0:
-            for name, (array, axes) in arrays.items():
-                self._create(name, array, axes)
+            for name, (array, attrs) in arrays.items():
+                self._create(name, array, attrs)
         expected = self._names()
         if set(arrays) != expected:
             raise ValidationError(
@@ -247,8 +248,8 @@ class EpisodeWriter:
         if self._file is not None:
             self.abort()
 
-    def _create(self, name: str, array: np.ndarray, axes: tuple[str, ...]) -> None:
-        stored, attrs = encode(np.asarray(array))
+    def _create(self, name: str, array: np.ndarray, attrs: dict[str, Any]) -> None:
+        stored, dtype_attrs = encode(np.asarray(array))
         compression = None if self._task.compression == "none" else self._task.compression
         dataset = self._group.create_dataset(
             name,
@@ -260,8 +261,7 @@ class EpisodeWriter:
             compression_opts=1 if compression == "gzip" else None,
             shuffle=compression is not None,
         )
-        dataset.attrs.update(attrs)
-        dataset.attrs[AXES_ATTR] = ["sample", *axes]
+        dataset.attrs.update({**dtype_attrs, **attrs})
 
     def _names(self) -> set[str]:
         names: set[str] = set()
@@ -271,24 +271,30 @@ class EpisodeWriter:
         return names
 
 
-def _sample_arrays(sample: Sample) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
-    arrays: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {
-        "timesteps": (np.asarray(sample.timestep, dtype=np.int32), ()),
-        "actions": (np.asarray(sample.actions), ("horizon", "action")),
-        "states": (np.asarray(sample.state), ("state",)),
+def _sample_arrays(sample: Sample) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+    """Every array of a sample by dataset name, with the attributes its dataset gets."""
+    arrays: dict[str, tuple[np.ndarray, dict[str, Any]]] = {
+        "timesteps": (np.asarray(sample.timestep, dtype=np.int32), _axes()),
+        "actions": (np.asarray(sample.actions), _axes("horizon", "action")),
+        "states": (np.asarray(sample.state), _axes("state")),
     }
     for name, array in sample.latents.items():
         if name in arrays or "/" in name:
             raise ValidationError(
                 "latent name", "a name other than timesteps/actions/states, without '/'", name
             )
-        arrays[name] = (
-            array,
-            tuple(sample.axes.get(name, ())) or tuple(f"axis_{i}" for i in range(array.ndim)),
-        )
+        layout = sample.layouts.get(name)
+        if layout is None:
+            arrays[name] = (array, _axes(*(f"axis_{i}" for i in range(array.ndim))))
+        else:
+            arrays[name] = (array, {**_axes(*layout.axes), LAYOUT_ATTR: to_json(layout.to_wire())})
     for name, image in sample.images.items():
-        arrays[f"images/{name}"] = (image, ("height", "width", "channel"))
+        arrays[f"images/{name}"] = (image, _axes("height", "width", "channel"))
     return arrays
+
+
+def _axes(*names: str) -> dict[str, Any]:
+    return {AXES_ATTR: ["sample", *names]}
 
 
 def _tmp(path: Path) -> Path:
