@@ -1,4 +1,4 @@
-"""`latentpi parity` (not implemented yet)."""
+"""`latentpi parity FILE.npz...`: our model against openpi's numbers; non-zero exit outside tolerance."""
 
 from __future__ import annotations
 
@@ -7,10 +7,32 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser
+    parser.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE.npz",
+        help="reference files (see the shared reference README)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="load params from this orbax checkpoint (a checkpoint dir or its params/) instead of each file's",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    del args
-    print("latentpi parity: not implemented yet in this version", file=sys.stderr)
-    return 2
+    from latentpi.protocol.errors import ValidationError
+    from latentpi.server.model.checkpoint import CheckpointError
+    from latentpi.server.parity import check_file
+
+    failed = 0
+    for path in args.files:
+        try:
+            report = check_file(path, checkpoint=args.checkpoint)
+        except (OSError, ValidationError, CheckpointError, ValueError) as error:
+            print(f"{path}: cannot check: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        print(report.table())
+        failed += not report.ok
+    return 1 if failed else 0
