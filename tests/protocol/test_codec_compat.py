@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from openpi_client import msgpack_numpy as openpi
 
-from latentpi.protocol.codec import packb, unpackb
+from latentpi.protocol.codec import FramePacker, packb, unpackb
 
 NUMERIC_DTYPES = [
     "|b1",
@@ -249,3 +249,43 @@ def test_bfloat16_scalar_round_trips() -> None:
     decoded = unpackb(packb(scalar))
     assert decoded.dtype == ml_dtypes.bfloat16 and float(decoded) == -1.5
     assert openpi.unpackb(packb(scalar)) == np.uint16(scalar.view(np.uint16))
+
+
+# -- FramePacker ---------------------------------------------------------------------------------
+
+
+def packer_cases() -> list[object]:
+    base = sample_array("<f4", (6, 8, 4))
+    return [
+        observation(),
+        {
+            "t": base.T,
+            "s": base[:, ::3],
+            "be": base.astype(">f8")[::2],
+            "empty": np.zeros((0, 4)),
+            "zero_d": np.array(3),
+        },
+        {"bf": bf16_array()[:, ::2], "scalar": ml_dtypes.bfloat16(2.0)},
+        [memoryview(np.arange(6, dtype=np.float32)), b"", bytearray(b"x"), memoryview(b"")],
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_frame_packer_writes_exactly_what_packb_writes(case: int) -> None:
+    obj = packer_cases()[case]
+    packer = FramePacker()
+    frame = packer.pack(obj)
+    assert bytes(frame) == packb(obj)
+    assert_same(unpackb(frame), unpackb(packb(obj)))
+
+
+def test_frame_packer_reuses_its_buffer_and_keeps_old_views_valid() -> None:
+    packer = FramePacker()
+    big = packer.pack({"a": np.ones(1000, np.float32)})
+    small = packer.pack({"a": np.zeros(10, np.float32)})
+    assert np.shares_memory(np.frombuffer(big, np.uint8), np.frombuffer(small, np.uint8))
+    first = packer.pack({"a": np.ones(10, np.float32)})
+    snapshot = bytes(first)
+    grown = packer.pack({"a": np.full(5000, 2, np.float32)})  # needs a bigger buffer
+    assert bytes(first) == snapshot
+    np.testing.assert_array_equal(unpackb(grown)["a"], 2)

@@ -1,9 +1,11 @@
 """msgpack-numpy encoding, byte-for-byte what `openpi_client.msgpack_numpy.packb` writes.
 
-The frame is assembled as a list of small headers and the arrays' own buffers, then joined once:
-a C-contiguous array's bytes are copied exactly once (into the frame). The type checks follow
-msgpack's Packer in order, so e.g. np.float64 (a float subclass) travels as a plain float, as it
-does through openpi-client.
+The encoder walks the object into a list of parts: small msgpack headers and the arrays
+themselves. `packb` joins them once into a new bytes object (a C-contiguous array's bytes are
+copied exactly once); `FramePacker` copies them into one reused buffer (every array copied once,
+non-contiguous ones straight from their strides, and no allocation once the buffer is big enough).
+The type checks follow msgpack's Packer in order, so e.g. np.float64 (a float subclass) travels as a
+plain float, as it does through openpi-client.
 """
 
 from __future__ import annotations
@@ -32,9 +34,54 @@ def packb(obj: Any, *, limits: Limits | None = None) -> bytes:
 
     Raises ProtocolError naming the offending path for anything the decoder would refuse.
     """
+    return b"".join([_as_buffer(part) for part in _parts(obj, limits)])
+
+
+class FramePacker:
+    """Encodes frames into one buffer that it reuses: after the first large frame, encoding costs
+    one copy of each array into memory that is already mapped (no page faults, no allocation).
+
+    The memoryview `pack` returns is valid until the next `pack` call; send it (websockets accepts
+    memoryviews) before packing again. Not thread-safe: one packer per connection or thread.
+    """
+
+    def __init__(self, *, limits: Limits | None = None) -> None:
+        self._limits = limits
+        self._buffer = bytearray()
+
+    def pack(self, obj: Any) -> memoryview:
+        parts = _parts(obj, self._limits)
+        total = sum(_nbytes(part) for part in parts)
+        if total > len(self._buffer):
+            self._buffer = bytearray(total)  # a view of the old buffer keeps it alive
+        view = memoryview(self._buffer)
+        pos = 0
+        for part in parts:
+            size = _nbytes(part)
+            if isinstance(part, np.ndarray):
+                target = np.frombuffer(view[pos : pos + size], dtype=part.dtype).reshape(part.shape)
+                np.copyto(target, part, casting="no")
+            else:
+                view[pos : pos + size] = part
+            pos += size
+        return view[:total]
+
+
+def _parts(obj: Any, limits: Limits | None) -> list[Any]:
     parts: list[Any] = []
     _Encoder(parts, (limits or DEFAULT_LIMITS).max_depth).pack(obj, 0, "$")
-    return b"".join(parts)
+    return parts
+
+
+def _nbytes(part: Any) -> int:
+    return part.nbytes if isinstance(part, np.ndarray | memoryview) else len(part)
+
+
+def _as_buffer(part: Any) -> Any:
+    """A part as something bytes.join takes: arrays as flat byte views, made C-contiguous."""
+    if not isinstance(part, np.ndarray):
+        return part
+    return memoryview(np.ascontiguousarray(part).reshape(-1).view(np.uint8))
 
 
 class _Encoder:
@@ -95,7 +142,10 @@ class _Encoder:
             raise ProtocolError(f"{path}: a memoryview must be C-contiguous to be sent")
         size = data.nbytes if isinstance(data, memoryview) else len(data)
         self.parts.append(_bin_header(size, path))
-        self.parts.append(data)
+        if isinstance(data, memoryview) and size and (data.format != "B" or data.ndim != 1):
+            data = data.cast("B")  # flat bytes, so FramePacker can slice-assign it
+        if size:
+            self.parts.append(data)
 
     def ndarray(self, array: np.ndarray, path: str) -> None:
         ext = array.dtype == BFLOAT16
@@ -103,11 +153,10 @@ class _Encoder:
             array = array.view(np.uint16).astype(BFLOAT16_CARRIER, copy=False)
         else:
             _check_dtype(array.dtype, path)
-        if not array.flags.c_contiguous:
-            array = np.ascontiguousarray(array)
         out = self.parts.append
         out(_ND_HEAD_EXT if ext else _ND_HEAD)
-        self.bin(memoryview(array.reshape(-1).view(np.uint8)), path)
+        out(_bin_header(array.nbytes, path))
+        out(array)  # copied in C order by packb / FramePacker
         out(_DTYPE_KEY)
         self.pack(array.dtype.str, 0, path)
         out(_SHAPE_KEY)
