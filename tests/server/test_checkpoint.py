@@ -315,3 +315,14 @@ def test_gs_checkpoint_through_the_cache(fake_gs: pathlib.Path, tmp_path: pathli
     # The second load reads the cache: the remote copy can be gone.
     shutil.rmtree(fake_gs)
     assert_bit_equal(load_params(url), got)
+
+
+@pytest.mark.parametrize("read_batch_bytes", [1, 64 * 1024])
+def test_batched_reads_give_the_same_tree(
+    model: str, npz_params: dict[str, Any], read_batch_bytes: int
+) -> None:
+    """Reading the leaves in many small groups (one leaf each at 1 byte) restores the same tree."""
+    got = load_params(
+        REFERENCE / f"{model}_tiny_ckpt", dtype="float32", read_batch_bytes=read_batch_bytes
+    )
+    assert_bit_equal(got, npz_params)
