@@ -189,9 +189,7 @@ def test_concurrent_downloads_fetch_once(cache: pathlib.Path, bucket_root: pathl
     assert fs.copies == 3  # one download of three files, not three
 
 
-def test_default_filesystem_is_anonymous_gs(
-    cache: pathlib.Path, bucket_root: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_default_filesystem_is_anonymous_gs(cache: pathlib.Path, bucket_root: pathlib.Path) -> None:
     """Without an injected filesystem, gs:// goes through fsspec's `gs` protocol with an anonymous token."""
     seen: dict[str, object] = {}
 
