@@ -296,3 +296,24 @@ def test_random_objects_round_trip_byte_equal_to_openpi(obj: object) -> None:
     frame = packb(obj)
     assert frame == openpi.packb(obj)
     assert unpackb(frame) == openpi.unpackb(frame)
+
+
+def test_openpi_layout_fast_path_agrees_with_the_general_path() -> None:
+    array = np.arange(6, dtype="<i2").reshape(2, 3)
+    fast = packb(array)  # openpi's exact layout: decoded by the fast path
+    general = array_frame(array.tobytes(), "<i2", [2, 3])  # bin32 + array16 shape: general path
+    np.testing.assert_array_equal(unpackb(fast), unpackb(general))
+    assert unpackb(fast).dtype == unpackb(general).dtype
+    lying = fast.replace(b"\x92\x02\x03", b"\x92\x02\x04")
+    with pytest.raises(
+        ProtocolError, match=re.escape("data has 12 bytes but shape [2, 4] of dtype <i2 needs 16")
+    ):
+        unpackb(lying)
+    negative = fast.replace(b"\x92\x02\x03", b"\x92\x02\xff")  # -1 as a negative fixint
+    with pytest.raises(ProtocolError, match="negative dimension"):
+        unpackb(negative)
+    complex_dtype = fast.replace(b"\xa3<i2", b"\xa3<c8")
+    with pytest.raises(ProtocolError, match="complex dtypes are not supported"):
+        unpackb(complex_dtype)
+    with pytest.raises(ProtocolError, match="nesting deeper than the limit of 1"):
+        unpackb(fast, limits=Limits(max_depth=1))

@@ -62,13 +62,14 @@ def unpackb(data: bytes | bytearray | memoryview, *, limits: Limits | None = Non
 
 
 class _Decoder:
-    __slots__ = ("buf", "end", "limits", "objects", "pos", "total_elements")
+    __slots__ = ("buf", "end", "limits", "max_objects", "objects", "pos", "total_elements")
 
     def __init__(self, buf: memoryview, limits: Limits) -> None:
         self.buf = buf
         self.end = buf.nbytes
         self.pos = 0
         self.limits = limits
+        self.max_objects = limits.max_objects
         self.objects = 0
         self.total_elements = 0
 
@@ -102,21 +103,34 @@ class _Decoder:
 
     # -- values ---------------------------------------------------------------------------------
     def value(self, depth: int, raw_bin: bool = False) -> Any:
-        """One msgpack value; bin stays a memoryview slice when `raw_bin` (an array's data)."""
+        """One msgpack value; bin stays a memoryview slice when `raw_bin` (an array's data).
+
+        The common one-byte-header cases are inlined: this is the decoder's hot loop."""
         self.objects += 1
-        if self.objects > self.limits.max_objects:
-            raise ProtocolError(f"frame: more than {self.limits.max_objects} values")
-        code = self.buf[self.take(1, "a type byte")]
+        if self.objects > self.max_objects:
+            raise ProtocolError(f"frame: more than {self.max_objects} values")
+        pos = self.pos
+        if pos >= self.end:
+            raise ProtocolError(f"truncated frame: a value expected at offset {pos}, 0 bytes left")
+        code = self.buf[pos]
+        self.pos = pos + 1
         if code <= 0x7F:
             return code
         if code >= 0xE0:
             return code - 0x100
-        if 0xA0 <= code <= 0xBF:
+        kind = code & 0xF0
+        if kind == 0xA0 or kind == 0xB0:
             return self.text(code & 0x1F)
-        if 0x80 <= code <= 0x8F:
+        if kind == 0x80:
             return self.map(code & 0x0F, depth)
-        if 0x90 <= code <= 0x9F:
+        if kind == 0x90:
             return self.array(code & 0x0F, depth)
+        if code == 0xC4:  # bin8: every key of an array map
+            size = self.length(code, "a bin", self.limits.max_bin_bytes, 1)
+            start = self.pos
+            self.pos = start + size
+            chunk = self.buf[start : start + size]
+            return chunk if raw_bin else bytes(chunk)
         if code in _SCALARS:
             return self.unpack(_SCALARS[code], "a number")
         if code == 0xC0:
@@ -127,9 +141,10 @@ class _Decoder:
             return True
         if code in (0xD9, 0xDA, 0xDB):
             return self.text(self.length(code, "a str", self.limits.max_str_bytes, 1))
-        if code in (0xC4, 0xC5, 0xC6):
+        if code in (0xC5, 0xC6):
             size = self.length(code, "a bin", self.limits.max_bin_bytes, 1)
-            start = self.take(size, "a bin")
+            start = self.pos
+            self.pos = start + size
             chunk = self.buf[start : start + size]
             return chunk if raw_bin else bytes(chunk)
         if code in (0xDC, 0xDD):
@@ -138,9 +153,9 @@ class _Decoder:
             return self.map(self.length(code, "a map", self.limits.max_container_len, 2), depth)
         if code in _EXT_CODES:
             raise ProtocolError(
-                f"msgpack ext type (byte 0x{code:02x}) at offset {self.pos - 1} is not supported"
+                f"msgpack ext type (byte 0x{code:02x}) at offset {pos} is not supported"
             )
-        raise ProtocolError(f"invalid msgpack type byte 0x{code:02x} at offset {self.pos - 1}")
+        raise ProtocolError(f"invalid msgpack type byte 0x{code:02x} at offset {pos}")
 
     def text(self, size: int) -> str:
         start = self.take(size, "a str")
@@ -172,6 +187,10 @@ class _Decoder:
                 f"a map of length {size} exceeds the limit of {self.limits.max_container_len}"
             )
         start = self.pos
+        if size == 4 and self.buf[start - 1 : start - 1 + len(_ND_PREFIX)] == _ND_PREFIX:
+            array = self.openpi_ndarray(start - 1, depth)
+            if array is not None:
+                return array
         depth = self.enter(depth)
         out: dict[Any, Any] = {}
         for _ in range(size):
@@ -191,15 +210,74 @@ class _Decoder:
         return out
 
     # -- numpy ----------------------------------------------------------------------------------
+    def openpi_ndarray(self, header: int, depth: int) -> np.ndarray | None:
+        """Fast path for the exact layout openpi-client and `packb` write (fixmap of __ndarray__,
+        data, dtype as fixstr, shape as a fixarray of uints): a handful of struct reads instead of
+        a dozen generic values. None when the bytes differ in any way; the general path then
+        decodes (and reports) them."""
+        buf, end = self.buf, self.end
+        pos = header + len(_ND_PREFIX)
+        if depth + 1 >= self.limits.max_depth or pos >= end or buf[pos] not in _BIN_LENGTHS:
+            return None
+        fmt = _BIN_LENGTHS[buf[pos]]
+        if pos + 1 + fmt.size > end:
+            return None
+        size = fmt.unpack_from(buf, pos + 1)[0]
+        pos += 1 + fmt.size
+        if size > self.limits.max_bin_bytes or size > end - pos:
+            return None
+        data = buf[pos : pos + size]
+        pos += size
+        if buf[pos : pos + len(_DTYPE_KEY)] != _DTYPE_KEY:
+            return None
+        pos += len(_DTYPE_KEY)
+        if pos >= end or buf[pos] & 0xE0 != 0xA0:
+            return None
+        text_end = pos + 1 + (buf[pos] & 0x1F)
+        if text_end > end:
+            return None
+        dtype_text = bytes(buf[pos + 1 : text_end]).decode("latin-1")
+        pos = text_end
+        if buf[pos : pos + len(_SHAPE_KEY)] != _SHAPE_KEY:
+            return None
+        pos += len(_SHAPE_KEY)
+        if pos >= end or buf[pos] & 0xF0 != 0x90:
+            return None
+        shape = []
+        for _ in range(buf[pos] & 0x0F):
+            pos += 1
+            if pos >= end:
+                return None
+            code = buf[pos]
+            if code <= 0x7F:
+                shape.append(code)
+            elif code in _UINTS and pos + _UINTS[code].size < end:
+                shape.append(_UINTS[code].unpack_from(buf, pos + 1)[0])
+                pos += _UINTS[code].size
+            else:
+                return None
+        self.pos = pos + 1
+        self.objects += 9 + len(shape)
+        if self.objects > self.max_objects:
+            raise ProtocolError(f"frame: more than {self.max_objects} values")
+        where = f"array at offset {header}"
+        return self.make_array(data, _dtype(dtype_text, where), shape, None, where)
+
     def ndarray(self, fields: dict[Any, Any], offset: int) -> np.ndarray:
         where = f"array at offset {offset}"
         data = fields.get(_DATA_KEY)
         if not isinstance(data, memoryview):
             raise ProtocolError(f"{where}: 'data' must be bin, received {type(data).__name__}")
-        dtype = _field_dtype(fields, where)
+        dtype = _dtype(fields.get(b"dtype"), where)
         shape = fields.get(b"shape")
         if not isinstance(shape, list) or not all(type(d) is int for d in shape):
             raise ProtocolError(f"{where}: 'shape' must be a list of ints, received {shape!r:.80}")
+        return self.make_array(data, dtype, shape, fields.get(EXT_DTYPE_KEY), where)
+
+    def make_array(
+        self, data: memoryview, dtype: np.dtype, shape: list[int], ext: object, where: str
+    ) -> np.ndarray:
+        """A read-only view of `data`, once shape, limits and length agree."""
         if len(shape) > self.limits.max_ndim:
             raise ProtocolError(
                 f"{where}: {len(shape)} dimensions exceeds the limit of {self.limits.max_ndim}"
@@ -224,13 +302,13 @@ class _Decoder:
             )
         array = np.ndarray(shape, dtype=dtype, buffer=data)
         array.flags.writeable = False
-        if fields.get(EXT_DTYPE_KEY) is not None:
-            array = _as_bfloat16(array, fields[EXT_DTYPE_KEY], where)
+        if ext is not None:
+            array = _as_bfloat16(array, ext, where)
         return array
 
     def npgeneric(self, fields: dict[Any, Any], offset: int) -> np.generic:
         where = f"numpy scalar at offset {offset}"
-        dtype = _field_dtype(fields, where)
+        dtype = _dtype(fields.get(b"dtype"), where)
         value = fields.get(_DATA_KEY)
         if isinstance(value, memoryview):
             value = bytes(value)
@@ -248,9 +326,9 @@ class _Decoder:
         return scalar
 
 
-def _field_dtype(fields: dict[Any, Any], where: str) -> np.dtype:
+def _dtype(text: object, where: str) -> np.dtype:
     try:
-        return parse_wire_dtype(fields.get(b"dtype"))
+        return parse_wire_dtype(text)
     except ProtocolError as error:
         raise ProtocolError(f"{where}: {error}") from None
 
@@ -291,4 +369,9 @@ _SCALARS = {
     0xD2: struct.Struct(">i"),
     0xD3: struct.Struct(">q"),
 }
+_BIN_LENGTHS = {code: _LENGTHS[code] for code in (0xC4, 0xC5, 0xC6)}
+_UINTS = {code: _SCALARS[code] for code in (0xCC, 0xCD, 0xCE, 0xCF)}
+_ND_PREFIX = b"\x84\xc4\x0b__ndarray__\xc3\xc4\x04data"
+_DTYPE_KEY = b"\xc4\x05dtype"
+_SHAPE_KEY = b"\xc4\x05shape"
 _EXT_CODES = frozenset((0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))

@@ -13,6 +13,7 @@ restores a bfloat16 view. See docs/protocol.md.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import ml_dtypes
@@ -50,6 +51,11 @@ def parse_wire_dtype(text: object) -> np.dtype:
         raise ProtocolError(
             f"array dtype: expected a str such as '<f4', received {type(text).__name__}"
         )
+    return _parse(text)
+
+
+@functools.lru_cache(maxsize=64)  # only valid names are cached (errors are not), so it stays small
+def _parse(text: str) -> np.dtype:
     if _WIRE_DTYPE.fullmatch(text) is None:
         kind = text.lstrip("<>|=")[:1]
         if kind in _WHY_NOT:
