@@ -50,21 +50,41 @@ class FramePacker:
         self._buffer = bytearray()
 
     def pack(self, obj: Any) -> memoryview:
-        parts = _parts(obj, self._limits)
-        total = sum(_nbytes(part) for part in parts)
+        chunks = _coalesce(_parts(obj, self._limits))
+        total = sum(_nbytes(chunk) for chunk in chunks)
         if total > len(self._buffer):
             self._buffer = bytearray(total)  # a view of the old buffer keeps it alive
         view = memoryview(self._buffer)
         pos = 0
-        for part in parts:
-            size = _nbytes(part)
-            if isinstance(part, np.ndarray):
-                target = np.frombuffer(view[pos : pos + size], dtype=part.dtype).reshape(part.shape)
-                np.copyto(target, part, casting="no")
+        for chunk in chunks:
+            size = _nbytes(chunk)
+            if isinstance(chunk, np.ndarray):
+                target = np.frombuffer(view[pos : pos + size], dtype=chunk.dtype)
+                np.copyto(target.reshape(chunk.shape), chunk, casting="no")
             else:
-                view[pos : pos + size] = part
+                view[pos : pos + size] = chunk
             pos += size
         return view[:total]
+
+
+def _coalesce(parts: list[Any]) -> list[Any]:
+    """Runs of small parts (headers, short strings) joined, so the copy loop sees few chunks."""
+    chunks: list[Any] = []
+    run: list[Any] = []
+    for part in parts:
+        if isinstance(part, np.ndarray) or len(part) >= _SMALL:
+            if run:
+                chunks.append(b"".join(run))
+                run = []
+            chunks.append(part)
+        else:
+            run.append(part)
+    if run:
+        chunks.append(b"".join(run))
+    return chunks
+
+
+_SMALL = 1 << 12
 
 
 def _parts(obj: Any, limits: Limits | None) -> list[Any]:
