@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from latentpi.protocol.codec import Limits, ProtocolError, packb, unpackb
 
@@ -317,3 +318,24 @@ def test_openpi_layout_fast_path_agrees_with_the_general_path() -> None:
         unpackb(complex_dtype)
     with pytest.raises(ProtocolError, match="nesting deeper than the limit of 1"):
         unpackb(fast, limits=Limits(max_depth=1))
+
+
+WIRE_DTYPES = st.sampled_from(
+    ["|b1", "|i1", "<i2", ">i4", "<i8", "|u1", ">u2", "<u4", "<u8", "<f2", ">f4", "<f8"]
+)
+
+
+@FUZZ
+@given(
+    hnp.arrays(WIRE_DTYPES, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)),
+    st.booleans(),
+)
+def test_random_arrays_round_trip_byte_equal_to_openpi(array: np.ndarray, transpose: bool) -> None:
+    from openpi_client import msgpack_numpy as openpi
+
+    array = array.T if transpose else array
+    frame = packb({"a": array})
+    assert frame == openpi.packb({"a": array})
+    decoded = unpackb(frame)["a"]
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape
+    assert decoded.tobytes() == array.tobytes()
