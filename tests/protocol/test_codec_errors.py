@@ -197,6 +197,10 @@ def test_non_buffer_input_is_a_protocol_error() -> None:
         unpackb("text")  # type: ignore[arg-type]
     with pytest.raises(ProtocolError, match="contiguous"):
         unpackb(memoryview(b"\x00\x00\x00\x00")[::2])
+    with pytest.raises(ProtocolError, match="empty"):
+        unpackb(memoryview(np.zeros((0, 3), np.float32)))
+    # any contiguous buffer works, e.g. a numpy array holding a frame
+    assert unpackb(np.frombuffer(packb([1, 2]), np.uint8)) == [1, 2]
 
 
 # -- encoding what cannot travel -----------------------------------------------------------------

@@ -44,10 +44,10 @@ def unpackb(data: bytes | bytearray | memoryview, *, limits: Limits | None = Non
         ) from None
     if not view.c_contiguous:
         raise ProtocolError("frame: expected a contiguous buffer")
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
     if view.nbytes == 0:
         raise ProtocolError("frame: empty")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
     if view.nbytes > limits.max_frame_bytes:
         raise ProtocolError(
             f"frame: {view.nbytes} bytes exceeds the limit of {limits.max_frame_bytes}"
