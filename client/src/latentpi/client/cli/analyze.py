@@ -1,4 +1,4 @@
-"""`latentpi analyze` (not implemented yet)."""
+"""`latentpi analyze DIR --out REPORT`: the HTML report and summary.json of a collection folder."""
 
 from __future__ import annotations
 
@@ -7,10 +7,30 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser
+    parser.add_argument("dir", help="a collection folder (DIR/<suite>/task_*.h5) or one task file")
+    parser.add_argument("--out", required=True, help="folder for index.html and summary.json")
+    parser.add_argument(
+        "--expert",
+        default="text_only",
+        choices=("text_only", "expert_0", "expert_1"),
+        help="whose representation the drift and the probes use (default: text_only)",
+    )
+    parser.add_argument("--shuffles", type=int, default=20, help="shuffled-label repeats per probe")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
-    del args
-    print("latentpi analyze: not implemented yet in this version", file=sys.stderr)
-    return 2
+    from latentpi.client.analysis.probes import ProbeConfig
+    from latentpi.client.analysis.report import ReportConfig, build_report
+    from latentpi.protocol.errors import ValidationError
+
+    try:
+        config = ReportConfig(
+            args.expert, ProbeConfig(n_shuffles=args.shuffles, n_bootstrap=500, seed=args.seed)
+        )
+        page = build_report(args.dir, args.out, config)
+    except ValidationError as error:
+        print(f"latentpi analyze: {error}", file=sys.stderr)
+        return 2
+    print(page)
+    return 0
