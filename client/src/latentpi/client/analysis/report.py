@@ -190,27 +190,26 @@ def _separation(data: api.TaskData, config: ReportConfig) -> Section:
     matrix = metrics.cka_matrix(list(np.moveaxis(x0, 1, 0)), list(np.moveaxis(x1, 1, 0)))
     within = metrics.cka_matrix(list(np.moveaxis(x0, 1, 0)))
     fig, axes = _figure(1, 2, figsize=(10, 4))
-    for ax, values, title, ylabel in (
-        (axes[0], matrix, "expert 0 × expert 1", "expert 0 layer"),
-        (axes[1], within, "expert 0 × expert 0", "expert 0 layer"),
+    layers_0, layers_1 = v0[0][1], v1[0][1]
+    for ax, values, title, columns in (
+        (axes[0], matrix, "expert 0 × expert 1", layers_1),
+        (axes[1], within, "expert 0 × expert 0", layers_0),
     ):
-        image = ax.imshow(
-            values, origin="lower", cmap="magma", vmin=min(0.0, np.nanmin(values)), vmax=1
-        )
+        low = min(0.0, np.nanmin(values)) if np.any(np.isfinite(values)) else 0.0
+        image = ax.imshow(values, origin="lower", cmap="magma", vmin=low, vmax=1)
         fig.colorbar(image, ax=ax, label="debiased linear CKA")
-        ax.set(
-            title=title,
-            ylabel=ylabel,
-            xlabel="expert 1 layer" if ax is axes[0] else "expert 0 layer",
-        )
+        other = "expert 1" if columns is layers_1 else "expert 0"
+        ax.set(title=title, ylabel="expert 0 layer", xlabel=f"{other} layer")
+        _layer_ticks(ax, layers_0)
+        _layer_ticks(ax, columns, axis="x")
     section.figure(
         fig,
-        f"CKA over the task's {len(x0)} samples: expert 0's prompt mean vs expert 1's action mean (last denoising step). Width-free; a raw cosine between the experts is undefined (docs/analysis.md §2).",
+        f"CKA over the task's {len(x0)} samples: expert 0's prompt mean vs expert 1's action mean (last denoising step); blank = undefined (constant over the samples, e.g. entry 0 within one task). Width-free; a raw cosine between the experts is undefined (docs/analysis.md §2).",
     )
     section.numbers = {
         "n_samples": len(x0),
-        "layers_0": v0[0][1],
-        "layers_1": v1[0][1],
+        "layers_0": layers_0,
+        "layers_1": layers_1,
         "cka_expert_0_x_expert_1": matrix,
         "cka_expert_0_layers": within,
     }
@@ -358,7 +357,7 @@ def _page(sections: Sequence[Section]) -> str:
 
 def _figure(rows: int = 1, cols: int = 1, *, figsize: tuple[float, float]) -> tuple[Figure, Any]:
     """A figure outside pyplot (no global figure registry, no display backend)."""
-    fig = Figure(figsize=figsize)
+    fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.subplots(rows, cols)
 
 
@@ -366,11 +365,12 @@ def _label(data: api.TaskData) -> str:
     return f"task {data.task_id} ({data.attrs.get('suite', '')})"
 
 
-def _layer_ticks(ax: Axes, layers: list[int]) -> None:
+def _layer_ticks(ax: Axes, layers: list[int], axis: str = "y") -> None:
+    """Label an image's rows (or columns) with the residual entries they hold, at most ~10."""
     step = max(1, math.ceil(len(layers) / 10))
-    ax.set_yticks(
-        range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)]
-    )
+    ticks = range(0, len(layers), step)
+    setter = ax.set_yticks if axis == "y" else ax.set_xticks
+    setter(ticks, [str(layers[i]) for i in ticks])
 
 
 def _result(result: probes.ProbeResult) -> dict[str, Any]:
