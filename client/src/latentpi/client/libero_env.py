@@ -143,7 +143,9 @@ def _read_init_states(path: Path) -> np.ndarray:
     import torch
     from torch.serialization import safe_globals
 
-    allowed = [np.core.multiarray._reconstruct, np.ndarray, np.dtype]
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy.core (1.x) / numpy._core (2.x)
+    # the files name numpy 1.x's path; give it explicitly so numpy 2 resolves it too
+    allowed: list[Any] = [(reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype]
     allowed += [type(np.dtype(name)) for name in ("float64", "float32")]
     with safe_globals(allowed):
         states = torch.load(path, weights_only=True)

@@ -215,7 +215,8 @@ class EpisodeWriter:
 
     def finish(self, result: EpisodeResult) -> None:
         """Write the outcome, close and publish; from here the episode survives any crash."""
-        assert self._file is not None, "episode already finished or aborted"
+        if self._file is None:
+            raise RuntimeError(f"{self.final.name}: episode already finished or aborted")
         self._group.attrs.update(
             {
                 "success": bool(result.success),
