@@ -74,7 +74,10 @@ def main() -> None:
     assets = link_assets(benchmark_root)
     config = write_config(benchmark_root, default_config_dir())
     silence_robosuite_macros()
-    print(f"[install] LIBERO wired: assets {assets} -> {assets.resolve()}, config {config}", file=sys.stderr)
+    print(
+        f"[install] LIBERO wired: assets {assets} -> {assets.resolve()}, config {config}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

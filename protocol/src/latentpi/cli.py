@@ -24,11 +24,36 @@ class Subcommand:
 
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
-    Subcommand("serve", "run the GPU policy server (websocket + HTTP)", "latentpi.server.cli.serve", "latentpi-server"),
-    Subcommand("parity", "check the model against openpi reference files", "latentpi.server.cli.parity", "latentpi-server"),
-    Subcommand("collect", "run LIBERO rollouts and record latents to HDF5", "latentpi.client.cli.collect", "latentpi-client"),
-    Subcommand("analyze", "analyze collected HDF5 files and write a report", "latentpi.client.cli.analyze", "latentpi-client"),
-    Subcommand("demo", "tiny server + short LIBERO collection + report, end to end", "latentpi.client.cli.demo", "latentpi-client"),
+    Subcommand(
+        "serve",
+        "run the GPU policy server (websocket + HTTP)",
+        "latentpi.server.cli.serve",
+        "latentpi-server",
+    ),
+    Subcommand(
+        "parity",
+        "check the model against openpi reference files",
+        "latentpi.server.cli.parity",
+        "latentpi-server",
+    ),
+    Subcommand(
+        "collect",
+        "run LIBERO rollouts and record latents to HDF5",
+        "latentpi.client.cli.collect",
+        "latentpi-client",
+    ),
+    Subcommand(
+        "analyze",
+        "analyze collected HDF5 files and write a report",
+        "latentpi.client.cli.analyze",
+        "latentpi-client",
+    ),
+    Subcommand(
+        "demo",
+        "tiny server + short LIBERO collection + report, end to end",
+        "latentpi.client.cli.demo",
+        "latentpi-client",
+    ),
 )
 
 
@@ -44,8 +69,12 @@ def _load(sub: Subcommand) -> object | None:
     return importlib.import_module(sub.module)
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
-    parser = argparse.ArgumentParser(prog="latentpi", description="latent collection for pi0-family policies on LIBERO")
+def build_parser() -> tuple[
+    argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]
+]:
+    parser = argparse.ArgumentParser(
+        prog="latentpi", description="latent collection for pi0-family policies on LIBERO"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     runners: dict[str, Callable[[argparse.Namespace], int]] = {}
     for sub in SUBCOMMANDS:

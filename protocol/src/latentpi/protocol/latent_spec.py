@@ -81,11 +81,19 @@ class TokenLayout:
         def parse(expert: str) -> tuple[tuple[str, int, int], ...]:
             segments = data.get(expert)
             if not isinstance(segments, Mapping):
-                raise ValidationError(f"token_layout.{expert}", "a map of segment -> [start, stop]", segments)
+                raise ValidationError(
+                    f"token_layout.{expert}", "a map of segment -> [start, stop]", segments
+                )
             out = []
             for name, span in segments.items():
-                if not (isinstance(span, list | tuple) and len(span) == 2 and all(isinstance(v, int) for v in span)):
-                    raise ValidationError(f"token_layout.{expert}.{name}", "[start, stop] integers", span)
+                if not (
+                    isinstance(span, list | tuple)
+                    and len(span) == 2
+                    and all(isinstance(v, int) for v in span)
+                ):
+                    raise ValidationError(
+                        f"token_layout.{expert}.{name}", "[start, stop] integers", span
+                    )
                 out.append((str(name), int(span[0]), int(span[1])))
             return tuple(sorted(out, key=lambda s: s[1]))
 
@@ -128,7 +136,9 @@ class LatentSpec:
         for name in ("segments_0", "segments_1"):
             _check_str_tuple(f"latent_spec.{name}", getattr(self, name))
         if not (self.expert_0 or self.expert_1 or self.text_only or self.attention != "none"):
-            raise ValidationError("latent_spec", "at least one of expert_0, expert_1, text_only, attention", "nothing")
+            raise ValidationError(
+                "latent_spec", "at least one of expert_0, expert_1, text_only, attention", "nothing"
+            )
 
     # -- wire -----------------------------------------------------------------------------------
     def to_wire(self) -> dict[str, Any]:
@@ -144,7 +154,9 @@ class LatentSpec:
         if isinstance(data, str):
             return preset(data)
         if not isinstance(data, Mapping):
-            raise ValidationError("latent_spec", f"a preset name ({', '.join(PRESETS)}) or a map of fields", data)
+            raise ValidationError(
+                "latent_spec", f"a preset name ({', '.join(PRESETS)}) or a map of fields", data
+            )
         known = {field.name for field in dataclasses.fields(cls)}
         base_name = data.get("preset")
         base = preset(base_name) if base_name is not None else cls()
@@ -153,7 +165,9 @@ class LatentSpec:
             if key == "preset":
                 continue
             if key not in known:
-                raise ValidationError(f"latent_spec.{key}", f"one of {sorted(known | {'preset'})}", key)
+                raise ValidationError(
+                    f"latent_spec.{key}", f"one of {sorted(known | {'preset'})}", key
+                )
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         return dataclasses.replace(base, **kwargs)
 
@@ -166,7 +180,11 @@ class LatentSpec:
         segments_0 = _resolve_segments("latent_spec.segments_0", self.segments_0, layout.names(0))
         segments_1 = _resolve_segments("latent_spec.segments_1", self.segments_1, layout.names(1))
         if self.text_only and PROMPT_SEGMENT not in layout.names(0):
-            raise ValidationError("latent_spec.text_only", f"a model with a '{PROMPT_SEGMENT}' segment", layout.names(0))
+            raise ValidationError(
+                "latent_spec.text_only",
+                f"a model with a '{PROMPT_SEGMENT}' segment",
+                layout.names(0),
+            )
         return dataclasses.replace(
             self, layers=layers, steps=steps, segments_0=segments_0, segments_1=segments_1
         )
@@ -180,7 +198,11 @@ def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
 def _check_int_tuple(field: str, value: object) -> None:
     if value is None:
         return
-    if not isinstance(value, tuple) or not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if (
+        not isinstance(value, tuple)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         raise ValidationError(field, "null or a non-empty list of integers", value)
 
 
@@ -204,7 +226,9 @@ def _resolve_indices(field: str, values: tuple[int, ...] | None, count: int) -> 
     return tuple(out)
 
 
-def _resolve_segments(field: str, values: tuple[str, ...] | None, names: tuple[str, ...]) -> tuple[str, ...]:
+def _resolve_segments(
+    field: str, values: tuple[str, ...] | None, names: tuple[str, ...]
+) -> tuple[str, ...]:
     if values is None:
         return names
     for value in values:
@@ -223,7 +247,9 @@ PRESETS: dict[str, LatentSpec] = {
     "pooled": LatentSpec(text_only=False, pooling="mean"),
     # What a bare `collect_latents: true` returns: the prompt's states at every layer and the
     # action expert at the last denoising step, in bfloat16 (see docs/protocol.md for bytes).
-    "default": LatentSpec(expert_0=False, expert_1=True, text_only=True, steps=(-1,), dtype="bfloat16"),
+    "default": LatentSpec(
+        expert_0=False, expert_1=True, text_only=True, steps=(-1,), dtype="bfloat16"
+    ),
     # Attention mass between segments, head-averaged, at every layer and step; no hidden states.
     "attention": LatentSpec(expert_0=False, expert_1=False, text_only=False, attention="head_mean"),
 }

@@ -22,7 +22,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from latentpi.protocol.codec import Limits, packb, unpackb
+from latentpi.protocol.codec import FramePacker, Limits, packb, unpackb
 from latentpi.protocol.errors import ProtocolError, ValidationError
 from latentpi.protocol.messages import PolicyRequest
 from latentpi.server.auth import is_authorized
@@ -53,7 +53,9 @@ class PolicyEngine(Protocol):
 class PolicyServer:
     """One server's state: settings, metrics, the engine (loaded in the background) and its batcher."""
 
-    def __init__(self, engine_factory: Callable[[], PolicyEngine], settings: ServerSettings) -> None:
+    def __init__(
+        self, engine_factory: Callable[[], PolicyEngine], settings: ServerSettings
+    ) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
         self.limits = Limits(max_frame_bytes=settings.max_frame_bytes)
@@ -111,13 +113,17 @@ class PolicyServer:
         return PlainTextResponse("OK")
 
     async def metrics_endpoint(self, _: Request) -> Response:
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     # -- websocket ------------------------------------------------------------------------------
     async def websocket(self, websocket: WebSocket) -> None:
         if not is_authorized(websocket.headers, self.settings.api_key):
             self.metrics.errors.labels("unauthorized").inc()
-            await websocket.send_denial_response(PlainTextResponse("invalid or missing API key", status_code=401))
+            await websocket.send_denial_response(
+                PlainTextResponse("invalid or missing API key", status_code=401)
+            )
             return
         await self._ready.wait()
         await websocket.accept()
@@ -132,6 +138,7 @@ class PolicyServer:
 
     async def _serve_connection(self, websocket: WebSocket) -> None:
         prev_total_ms: float | None = None
+        packer = FramePacker()  # reused buffer: one copy per response array, no allocation
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
@@ -139,9 +146,13 @@ class PolicyServer:
             start = time.monotonic()
             frame = message.get("bytes")
             if frame is None:
-                await self._send_error(websocket, "bad_frame", "frame: expected a binary msgpack frame, received a text frame")
+                await self._send_error(
+                    websocket,
+                    "bad_frame",
+                    "frame: expected a binary msgpack frame, received a text frame",
+                )
                 continue
-            reply = await self._answer(frame, prev_total_ms)
+            reply = await self._answer(frame, prev_total_ms, packer)
             if isinstance(reply, str):
                 await websocket.send_text(reply)
             else:
@@ -150,7 +161,9 @@ class PolicyServer:
             prev_total_ms = (time.monotonic() - start) * 1000
             self.metrics.latency.observe(prev_total_ms / 1000)
 
-    async def _answer(self, frame: bytes, prev_total_ms: float | None) -> bytes | str:
+    async def _answer(
+        self, frame: bytes, prev_total_ms: float | None, packer: FramePacker
+    ) -> memoryview | str:
         """The response frame, or an error text for the client."""
         assert self._engine is not None and self._batcher is not None
         start = time.monotonic()
@@ -175,7 +188,7 @@ class PolicyServer:
         kind = "latents" if request.collect_latents else "plain"
         self.metrics.requests.labels(kind).inc()
         self.metrics.latent_bytes.inc(_latent_bytes(response))
-        return await _offload(_latent_bytes(response), packb, response)
+        return await _offload(_latent_bytes(response), packer.pack, response)
 
     def _error(self, kind: str, text: str) -> str:
         self.metrics.errors.labels(kind).inc()
@@ -193,7 +206,9 @@ async def _offload(size: int, function: Callable[..., Any], *args: Any, **kwargs
 
 def _latent_bytes(response: dict[str, Any]) -> int:
     return sum(
-        getattr(value, "nbytes", 0) for key, value in response.items() if key not in ("actions", "server_timing", "policy_timing")
+        getattr(value, "nbytes", 0)
+        for key, value in response.items()
+        if key not in ("actions", "server_timing", "policy_timing")
     )
 
 

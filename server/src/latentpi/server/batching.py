@@ -75,7 +75,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     async def submit(self, item: ItemT) -> ResultT:
         if self._queue.qsize() >= self._max_queue:
-            raise QueueFullError(f"queue: expected at most {self._max_queue} waiting requests, the server is overloaded")
+            raise QueueFullError(
+                f"queue: expected at most {self._max_queue} waiting requests, the server is overloaded"
+            )
         future: asyncio.Future[ResultT] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(item, future))
         self._metrics.queue_depth.set(self._queue.qsize())
@@ -110,7 +112,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         loop = asyncio.get_running_loop()
         try:
             with self._metrics.infer_latency.time():
-                results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in chunk])
+                results = await loop.run_in_executor(
+                    self._executor, self._run_batch, [p.item for p in chunk]
+                )
         except Exception as error:  # one failing batch must not stop the server
             logger.exception("model call failed for a batch of %d", len(chunk))
             for pending in chunk:
@@ -128,4 +132,8 @@ def _chunks_by_group(
     groups: dict[Hashable, list[_Pending[ItemT, ResultT]]] = {}
     for pending in gathered:
         groups.setdefault(pending.item.group, []).append(pending)
-    return [items[i : i + max_batch] for items in groups.values() for i in range(0, len(items), max_batch)]
+    return [
+        items[i : i + max_batch]
+        for items in groups.values()
+        for i in range(0, len(items), max_batch)
+    ]

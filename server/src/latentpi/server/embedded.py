@@ -17,7 +17,9 @@ from latentpi.server.app import PolicyEngine, build_app
 from latentpi.server.settings import ServerSettings
 
 
-def uvicorn_config(app: object, settings: ServerSettings, *, log_level: str = "warning") -> uvicorn.Config:
+def uvicorn_config(
+    app: object, settings: ServerSettings, *, log_level: str = "warning"
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=settings.host,
@@ -85,7 +87,9 @@ def start_server(
     sock.bind((settings.host, settings.port))
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn_config(build_app(engine_factory, settings), settings))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"latentpi-server-{port}", daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"latentpi-server-{port}", daemon=True
+    )
     thread.start()
     running = RunningServer(host=host, port=port, server=server, thread=thread)
     if wait:

@@ -31,7 +31,9 @@ class ServerSettings:
         if not 0 <= self.batch_window_ms <= 10_000:
             raise ValueError(f"batch_window_ms: expected 0..10000, received {self.batch_window_ms}")
         if not 1024 <= self.max_frame_bytes <= 2**31:
-            raise ValueError(f"max_frame_bytes: expected 1 KiB..2 GiB, received {self.max_frame_bytes}")
+            raise ValueError(
+                f"max_frame_bytes: expected 1 KiB..2 GiB, received {self.max_frame_bytes}"
+            )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: expected 0..65535, received {self.port}")
         if self.api_key is not None and not self.api_key:
@@ -39,7 +41,9 @@ class ServerSettings:
         if not self.batch_sizes:
             object.__setattr__(self, "batch_sizes", _powers_of_two_up_to(self.max_batch))
         elif max(self.batch_sizes) < self.max_batch or min(self.batch_sizes) < 1:
-            raise ValueError(f"batch_sizes: expected sizes >= 1 covering max_batch, received {self.batch_sizes}")
+            raise ValueError(
+                f"batch_sizes: expected sizes >= 1 covering max_batch, received {self.batch_sizes}"
+            )
 
     def padded_batch_size(self, count: int) -> int:
         return min(size for size in sorted(self.batch_sizes) if size >= count)

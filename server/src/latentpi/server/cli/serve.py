@@ -1,16 +1,112 @@
-"""`latentpi serve` (not implemented yet)."""
+"""`latentpi serve`: the policy server (websocket at `/`, `GET /healthz`, `GET /metrics`)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
 import sys
+import threading
+from pathlib import Path
+
+CONFIG_NAMES = ("pi0_libero", "pi05_libero", "pi0_tiny", "pi05_tiny")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser
+    parser.add_argument(
+        "--config", required=True, choices=CONFIG_NAMES, help="serving configuration"
+    )
+    parser.add_argument(
+        "--checkpoint", help="checkpoint directory, file:// or gs:// (default: the config's)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port (0 picks a free one; see --ready-file)"
+    )
+    parser.add_argument(
+        "--api-key", default=None, help="require this key (default: $LATENTPI_API_KEY, else none)"
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=8, help="largest batch of concurrent requests"
+    )
+    parser.add_argument(
+        "--batch-window-ms", type=float, default=5.0, help="how long a batch waits to fill"
+    )
+    parser.add_argument(
+        "--max-frame-bytes", type=int, default=None, help="largest request frame (else 64 MiB)"
+    )
+    parser.add_argument(
+        "--ready-file", type=Path, help="write {url, port, pid} as JSON here once serving"
+    )
+    parser.add_argument(
+        "--parent-pid", type=int, help="exit when this process is gone (embedded mode)"
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    del args
-    print("latentpi serve: not implemented yet in this version", file=sys.stderr)
-    return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from latentpi.server.embedded import start_server
+    from latentpi.server.engine_factory import build_engine
+    from latentpi.server.serving import serving_config
+    from latentpi.server.settings import DEFAULT_MAX_FRAME_BYTES, ServerSettings
+
+    api_key = (
+        args.api_key if args.api_key is not None else os.environ.get("LATENTPI_API_KEY") or None
+    )
+    try:
+        settings = ServerSettings(
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            max_batch=args.max_batch,
+            batch_window_ms=args.batch_window_ms,
+            max_frame_bytes=args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES,
+        )
+    except ValueError as error:
+        print(f"latentpi serve: --{str(error).replace('_', '-')}", file=sys.stderr)
+        return 2
+    config = serving_config(args.config).with_checkpoint(args.checkpoint)
+    running = start_server(lambda: build_engine(config, settings), settings, wait=False)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    if args.parent_pid:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True).start()
+    try:
+        running.wait_ready(timeout_s=3600)
+    except (RuntimeError, TimeoutError) as error:
+        logging.error("server did not start: %s", error)
+        running.stop()
+        return 1
+    logging.info(
+        "serving %s at %s (api key %s)", config.name, running.url, "required" if api_key else "off"
+    )
+    if args.ready_file:
+        _write_ready_file(args.ready_file, running.url, running.port)
+    while not stop.wait(0.5):
+        if not running.thread.is_alive():
+            return 1
+    running.stop()
+    return 0
+
+
+def _watch_parent(pid: int, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        if os.getppid() != pid:
+            logging.warning("parent process %d is gone: stopping", pid)
+            stop.set()
+
+
+def _write_ready_file(path: Path, url: str, port: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"url": url, "port": port, "pid": os.getpid()}))
+    os.replace(tmp, path)

@@ -1,0 +1,160 @@
+"""The model side of the server: one request → model inputs (CPU), a batch → one compiled model
+call (device) → each request's actions and latents.
+
+`PolicyEngine.prepare` runs per request on worker threads (validation, transforms, tokenization,
+noise); `run_batch` runs on the single model thread that the batcher owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from latentpi.protocol.latent_layout import ArrayLayout, latent_layouts
+from latentpi.protocol.latent_spec import LatentSpec
+from latentpi.protocol.messages import PolicyRequest, PolicyResponse, ServerMetadata
+from latentpi.server.model.capture import CompiledSampler
+from latentpi.server.model.configs import ModelConfig, token_layout
+from latentpi.server.model.pi0 import Observation
+from latentpi.server.policy.libero import LiberoPolicyTransform
+from latentpi.server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """One validated request, ready to be stacked into a batch."""
+
+    inputs: Mapping[str, Any]  # LiberoPolicyTransform.inputs(...) for this request
+    noise: np.ndarray  # (action_horizon, action_dim) float32
+    spec: LatentSpec | None  # resolved against the model; None = plain inference
+
+    @property
+    def group(self) -> LatentSpec | None:
+        return self.spec
+
+
+@dataclass
+class PolicyEngine:
+    model: ModelConfig
+    params: Any
+    transform: LiberoPolicyTransform
+    settings: ServerSettings
+    config_summary: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    sampler: CompiledSampler = field(init=False)
+    _metadata: ServerMetadata = field(init=False)
+    _rng: np.random.Generator = field(init=False)
+    _rng_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.sampler = CompiledSampler(self.model)
+        self._rng = np.random.default_rng(self.seed)
+        self._metadata = ServerMetadata(
+            model=self.model.variant,
+            token_layout=token_layout(self.model),
+            depth=(self.model.expert_0.depth, self.model.expert_1.depth),
+            width=(self.model.expert_0.width, self.model.expert_1.width),
+            num_heads=self.model.expert_0.num_heads,
+            action_horizon=self.model.action_horizon,
+            action_dim=self.model.action_dim,
+            num_steps=self.model.num_steps,
+            config=dict(self.config_summary),
+        )
+
+    # -- the app's interface --------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return self._metadata.to_wire()
+
+    def prepare(self, request: PolicyRequest) -> PreparedRequest:
+        inputs = self.transform.inputs(
+            request.image, request.wrist_image, request.state, request.prompt
+        )
+        spec = self.sampler.resolve(request.latent_spec) if request.collect_latents else None
+        return PreparedRequest(inputs=inputs, noise=self._noise(request.noise_seed), spec=spec)
+
+    def run_batch(self, items: Sequence[PreparedRequest]) -> list[dict[str, Any]]:
+        spec = items[0].spec
+        padded = self.settings.padded_batch_size(len(items))
+        rows = list(items) + [items[0]] * (padded - len(items))  # padding rows are dropped below
+        start = time.monotonic()
+        actions, latents = self.sampler.sample_actions(
+            self.params, _stack_observation(rows), np.stack([r.noise for r in rows]), spec
+        )
+        infer_ms = (time.monotonic() - start) * 1000
+        layouts = latent_layouts(spec, self._metadata.shape) if spec is not None else {}
+        return [
+            self._response(
+                item,
+                actions[i],
+                {name: array[i] for name, array in latents.items()},
+                layouts,
+                spec,
+                infer_ms,
+            )
+            for i, item in enumerate(items)
+        ]
+
+    def warmup(self, specs: Sequence[LatentSpec | None] = (None,)) -> None:
+        """Compile (batch 1) before the server reports healthy."""
+        dummy = _dummy_request()
+        for spec in specs:
+            prepared = self.prepare(dummy)
+            resolved = self.sampler.resolve(spec)
+            self.run_batch([PreparedRequest(prepared.inputs, prepared.noise, resolved)])
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _noise(self, seed: int | None) -> np.ndarray:
+        shape = (self.model.action_horizon, self.model.action_dim)
+        if seed is not None:
+            return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        with self._rng_lock:
+            return self._rng.standard_normal(shape, dtype=np.float32)
+
+    def _response(
+        self,
+        item: PreparedRequest,
+        actions: np.ndarray,
+        latents: dict[str, np.ndarray],
+        layouts: Mapping[str, ArrayLayout],
+        spec: LatentSpec | None,
+        infer_ms: float,
+    ) -> dict[str, Any]:
+        response = PolicyResponse(
+            actions=self.transform.outputs(np.asarray(actions, np.float32), item.inputs["state"]),
+            latents=latents,
+            latent_layout=layouts,
+            latent_spec=spec,
+            policy_timing={"infer_ms": infer_ms},
+        )
+        return response.to_wire()
+
+
+def _stack_observation(rows: Sequence[PreparedRequest]) -> Observation:
+    first = rows[0].inputs
+    return Observation(
+        images={slot: np.stack([r.inputs["image"][slot] for r in rows]) for slot in first["image"]},
+        image_masks={
+            slot: np.array([bool(r.inputs["image_mask"][slot]) for r in rows])
+            for slot in first["image_mask"]
+        },
+        state=np.stack([r.inputs["state"] for r in rows]).astype(np.float32),
+        tokenized_prompt=np.stack([r.inputs["tokenized_prompt"] for r in rows]).astype(np.int32),
+        tokenized_prompt_mask=np.stack([r.inputs["tokenized_prompt_mask"] for r in rows]).astype(
+            bool
+        ),
+    )
+
+
+def _dummy_request() -> PolicyRequest:
+    image = np.zeros((224, 224, 3), np.uint8)
+    return PolicyRequest(
+        image=image, wrist_image=image, state=np.zeros(8, np.float32), prompt="warm up"
+    )

@@ -1,0 +1,71 @@
+"""Build a `PolicyEngine` from a named serving config: weights, tokenizer, norm stats, compile."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from latentpi.protocol.latent_spec import DEFAULT_PRESET, preset
+from latentpi.server.engine import PolicyEngine
+from latentpi.server.serving import ServingConfig, load_tokenizer, tiny_norm_stats
+from latentpi.server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def load_weights(config: ServingConfig) -> Any:
+    import jax
+
+    from latentpi.server.model.checkpoint import load_params
+    from latentpi.server.model.pi0 import init_params, param_shapes
+
+    if config.checkpoint is None:
+        # jit: eager flax init dispatches op by op and is ~10x slower even for tiny models.
+        params = jax.jit(init_params, static_argnums=(0,))(
+            config.model, jax.random.key(config.seed)
+        )
+        if config.model.dtype == "bfloat16":
+            params = jax.tree.map(lambda x: x.astype("bfloat16"), params)
+        return params
+    return load_params(
+        config.checkpoint, dtype=config.model.dtype, expected=param_shapes(config.model)
+    )
+
+
+def load_norm_stats_for(config: ServingConfig) -> Any:
+    if config.checkpoint is None:
+        return tiny_norm_stats()
+    from latentpi.server.download import maybe_download
+    from latentpi.server.norm_stats import load_norm_stats
+
+    return load_norm_stats(maybe_download(config.checkpoint), config.asset_id)
+
+
+def build_engine(
+    config: ServingConfig, settings: ServerSettings, *, warmup: bool = True
+) -> PolicyEngine:
+    from latentpi.server.policy.libero import LiberoPolicyTransform
+
+    start = time.monotonic()
+    transform = LiberoPolicyTransform(
+        variant=config.model.variant,
+        norm_stats=load_norm_stats_for(config),
+        tokenizer=load_tokenizer(config),
+        action_horizon=config.model.action_horizon,
+        max_token_len=config.model.max_token_len,
+        action_dim=config.model.action_dim,
+    )
+    engine = PolicyEngine(
+        model=config.model,
+        params=load_weights(config),
+        transform=transform,
+        settings=settings,
+        config_summary=config.summary(),
+        seed=config.seed,
+    )
+    logger.info("loaded %s in %.1f s", config.name, time.monotonic() - start)
+    if warmup:
+        engine.warmup((None, preset(DEFAULT_PRESET)))
+        logger.info("compiled %s in %.1f s total", config.name, time.monotonic() - start)
+    return engine
