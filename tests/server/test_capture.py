@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from latentpi.protocol.latent_layout import ModelShape, latent_layouts
 from latentpi.protocol.latent_spec import LatentSpec
 from latentpi.server import parity
 from latentpi.server.model import capture
@@ -92,6 +93,24 @@ def test_full_capture_shapes_and_layout(setup, full) -> None:
     assert all(
         value.dtype == np.float32 for name, value in latents.items() if name.endswith("states")
     )
+
+
+def test_shapes_match_the_protocol_layouts(setup, full, pooled_mean) -> None:
+    """The arrays are what latentpi.protocol.latent_layout promises to clients (batch axis aside)."""
+    config = setup[0].config
+    widths = (config.expert_0.width, config.expert_1.width)
+    shape = ModelShape(
+        token_layout(config), config.depth, widths, config.expert_0.num_heads, config.num_steps
+    )
+    full_spec = LatentSpec(attention="per_head")
+    mean_spec = LatentSpec(pooling="mean", dtype="bfloat16", attention="head_mean")
+    for (_, latents), spec in ((full, full_spec), (pooled_mean, mean_spec)):
+        layouts = latent_layouts(spec, shape)
+        assert set(layouts) == set(latents)
+        for name, layout in layouts.items():
+            dtype = ml_dtypes.bfloat16 if layout.dtype == "bfloat16" else layout.dtype
+            assert latents[name].shape[1:] == layout.shape, name
+            assert latents[name].dtype == np.dtype(dtype), name
 
 
 def test_plain_and_capture_actions_identical(setup, full, plain) -> None:

@@ -216,6 +216,8 @@ def check_file(
     path: str | os.PathLike[str], *, checkpoint: str | None = None, params: Any = None
 ) -> ParityReport:
     """Runs one reference file. Params: `params` if given, else from `checkpoint`, else the file's."""
+    import jax
+
     from latentpi.protocol.latent_spec import LatentSpec
     from latentpi.server.model import capture
     from latentpi.server.model import checkpoint as checkpoints
@@ -234,9 +236,11 @@ def check_file(
     sampler = capture.CompiledSampler(config)
     obs = capture.observation_from_arrays(reference.inputs, config)
     full = LatentSpec(text_only=False)
-    actions, latents = sampler.sample_actions(
-        params, obs, reference.inputs["noise"], full, trace=True
-    )
+    # float32 matmuls at full precision on every backend (GPUs would otherwise use TF32).
+    with jax.default_matmul_precision("highest"):
+        actions, latents = sampler.sample_actions(
+            params, obs, reference.inputs["noise"], full, trace=True
+        )
     return ParityReport(
         str(path), config, int(actions.shape[0]), source, compare(reference, actions, latents)
     )
