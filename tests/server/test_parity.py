@@ -15,6 +15,7 @@ import pytest
 from latentpi.protocol.errors import ValidationError
 from latentpi.server import parity
 from latentpi.server.cli import parity as parity_cli
+from latentpi.server.model.capture import CompiledSampler
 from latentpi.server.model.checkpoint import load_params_npz
 from latentpi.server.model.pi0 import param_shapes
 
@@ -22,16 +23,22 @@ REFERENCE = Path("/work/shared/reference")
 FILES = {name: REFERENCE / f"{name}.npz" for name in ("pi0_tiny", "pi05_tiny")}
 
 
+@pytest.fixture(scope="module")
+def pi0_sampler():
+    """One compiled sampler for the pi0 file, shared by the tests that run it."""
+    return CompiledSampler(parity.read_reference(FILES["pi0_tiny"]).config)
+
+
 @pytest.mark.parametrize("name", sorted(FILES))
-def test_reference_file_passes(name: str) -> None:
-    report = parity.check_file(FILES[name])
+def test_reference_file_passes(name: str, pi0_sampler) -> None:
+    report = parity.check_file(FILES[name], sampler=pi0_sampler)
     assert report.ok, report.table()
     assert [row.array for row in report.rows] == ["actions", *parity.COMPARED]
     assert all(row.ok for row in report.rows)
     assert "parity: PASS" in report.table()
 
 
-def test_perturbed_weight_fails() -> None:
+def test_perturbed_weight_fails(pi0_sampler) -> None:
     path = FILES["pi0_tiny"]
     reference = parity.read_reference(path)
     params = copy.deepcopy(
@@ -40,7 +47,7 @@ def test_perturbed_weight_fails() -> None:
     # One layer's attention output projection, scaled by 1%: a "real mistake", far below a bug's size.
     weight = params["PaliGemma"]["llm"]["layers"]["attn"]["attn_vec_einsum"]["w"]
     weight[1] *= 1.01
-    report = parity.check_file(path, params=params)
+    report = parity.check_file(path, params=params, sampler=pi0_sampler)
     assert not report.ok
     failing = {row.array for row in report.rows if not row.ok}
     assert {"expert_0_hidden_states", "expert_0_final_normed", "expert_1_hidden_states"} <= failing

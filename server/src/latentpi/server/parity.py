@@ -213,9 +213,14 @@ def compare(
 
 
 def check_file(
-    path: str | os.PathLike[str], *, checkpoint: str | None = None, params: Any = None
+    path: str | os.PathLike[str],
+    *,
+    checkpoint: str | None = None,
+    params: Any = None,
+    sampler: Any = None,
 ) -> ParityReport:
-    """Runs one reference file. Params: `params` if given, else from `checkpoint`, else the file's."""
+    """Runs one reference file. Params: `params` if given, else from `checkpoint`, else the file's.
+    `sampler`: a `CompiledSampler` of the file's config to reuse (its compiled functions)."""
     import jax
 
     from latentpi.protocol.latent_spec import LatentSpec
@@ -233,7 +238,8 @@ def check_file(
     else:
         source = "the .npz"
         params = checkpoints.load_params_npz(path, dtype="float32", expected=param_shapes(config))
-    sampler = capture.CompiledSampler(config)
+    if sampler is None or sampler.config != config:
+        sampler = capture.CompiledSampler(config)
     obs = capture.observation_from_arrays(reference.inputs, config)
     full = LatentSpec(text_only=False)
     # float32 matmuls at full precision on every backend (GPUs would otherwise use TF32).

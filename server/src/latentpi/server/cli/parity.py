@@ -23,12 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from latentpi.protocol.errors import ValidationError
     from latentpi.server.model.checkpoint import CheckpointError
-    from latentpi.server.parity import check_file
+    from latentpi.server.model.capture import CompiledSampler
+    from latentpi.server.parity import check_file, read_reference
 
     failed = 0
+    samplers: dict[object, object] = {}  # one compiled sampler per model config
     for path in args.files:
         try:
-            report = check_file(path, checkpoint=args.checkpoint)
+            config = read_reference(path).config
+            sampler = samplers.setdefault(config, CompiledSampler(config))
+            report = check_file(path, checkpoint=args.checkpoint, sampler=sampler)
         except (OSError, ValidationError, CheckpointError, ValueError) as error:
             print(f"{path}: cannot check: {error}", file=sys.stderr)
             failed += 1

@@ -241,6 +241,7 @@ class CompiledSampler:
         trace: bool = False,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """-> actions (B, horizon, action_dim) and the spec's latents, as host numpy arrays."""
+        observation, noise = canonical_inputs(observation, noise)
         compiled = self.compiled(params, observation, noise, spec, trace=trace)
         actions, latents = compiled(params, observation, noise)
         return jax.device_get((actions, latents))
@@ -288,6 +289,27 @@ class CompiledSampler:
         plan = None if spec is None else CapturePlan(self.config, spec, trace)
         fn = jax.jit(lambda p, o, n: run_sampler(self.config, plan, p, o, n))
         return fn.lower(params, obs, noise).compile()
+
+
+def canonical_inputs(obs: Observation, noise: Any) -> tuple[Observation, Any]:
+    """The dtypes the compiled functions are built for (images stay uint8 or become float32), so
+    that int64 tokens or float64 states from a caller do not miss the cache or fail the call."""
+
+    def image(x: Any) -> Any:
+        return x if x.dtype == np.uint8 else _as(x, np.float32)
+
+    return Observation(
+        images={slot: image(x) for slot, x in obs.images.items()},
+        image_masks={slot: _as(x, np.bool_) for slot, x in obs.image_masks.items()},
+        state=_as(obs.state, np.float32),
+        tokenized_prompt=_as(obs.tokenized_prompt, np.int32),
+        tokenized_prompt_mask=_as(obs.tokenized_prompt_mask, np.bool_),
+    ), _as(noise, np.float32)
+
+
+def _as(x: Any, dtype: Any) -> Any:
+    """x in `dtype`, without a copy (or a host round trip) when it already is."""
+    return x if x.dtype == dtype else np.asarray(x, dtype)
 
 
 def observation_from_arrays(arrays: Mapping[str, Any], config: ModelConfig) -> Observation:
