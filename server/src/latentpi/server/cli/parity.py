@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from latentpi.protocol.errors import ValidationError
-    from latentpi.server.model.checkpoint import CheckpointError
     from latentpi.server.model.capture import CompiledSampler
+    from latentpi.server.model.checkpoint import CheckpointError
     from latentpi.server.parity import check_file, read_reference
 
     failed = 0
