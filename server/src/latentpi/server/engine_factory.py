@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from latentpi.protocol.latent_spec import DEFAULT_PRESET, preset
@@ -12,6 +14,24 @@ from latentpi.server.serving import ServingConfig, load_tokenizer, tiny_norm_sta
 from latentpi.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
+
+
+def default_compile_cache() -> Path:
+    """Where compiled XLA programs persist across processes ($LATENTPI_COMPILE_CACHE to move it,
+    "off" to disable): a restarted tiny server starts in ~10 s instead of ~60 s on 2 cores."""
+    return Path(
+        os.environ.get("LATENTPI_COMPILE_CACHE", Path.home() / ".cache" / "latentpi" / "xla")
+    )
+
+
+def enable_compile_cache(path: Path | None) -> None:
+    import jax
+
+    if path is None or str(path) == "off":
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def load_weights(config: ServingConfig) -> Any:
