@@ -1,16 +1,107 @@
-"""`latentpi collect` (not implemented yet)."""
+"""`latentpi collect`: real LIBERO rollouts through a policy server, latents into HDF5 (docs/collect.md)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+from pathlib import Path
+
+from latentpi.client.libero_env import MAX_STEPS, SUITES
+
+EXIT_FAILED = 1  # the run started and stopped on an error (server refused, unreachable, ...)
+EXIT_USAGE = 2  # bad arguments: nothing was started
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser
+    horizons = ", ".join(f"{suite} {steps}" for suite, steps in MAX_STEPS.items())
+    parser.add_argument("--suite", required=True, choices=SUITES, help="LIBERO suite")
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help="task ids, Python-style A:B (end excluded) or A (default: all)",
+    )
+    parser.add_argument(
+        "--trials", type=int, default=50, help="episodes per task (init states 0..N-1)"
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help=f"policy steps per episode (default: {horizons})",
+    )
+    parser.add_argument(
+        "--stride", type=int, default=5, help="collect latents at every STRIDE-th policy step"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder (DIR/<suite>/task_*.h5)"
+    )
+    parser.add_argument(
+        "--server",
+        default="embedded",
+        help="ws://HOST:PORT of a running server, or 'embedded' (default): start one here",
+    )
+    parser.add_argument(
+        "--config",
+        default="pi0_tiny",
+        help="the embedded server's configuration (default pi0_tiny)",
+    )
+    parser.add_argument(
+        "--api-key", default=None, help="the server's API key (default: $LATENTPI_API_KEY)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="environment processes (one task each)"
+    )
+    parser.add_argument(
+        "--latents", default="default", help="a preset name or a spec.json file (default: default)"
+    )
+    parser.add_argument("--seed", type=int, default=7, help="environment seed (openpi: 7)")
+    parser.add_argument("--save-images", action="store_true", help="also store the images sent")
+    parser.add_argument(
+        "--retry-timeout", type=float, default=300.0, help="seconds to wait for a lost server"
+    )
+    parser.add_argument(
+        "--compression", default="lzf", choices=("lzf", "gzip", "none"), help="HDF5 compression"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
 
 
 def run(args: argparse.Namespace) -> int:
-    del args
-    print("latentpi collect: not implemented yet in this version", file=sys.stderr)
-    return 2
+    from latentpi.client.collect import CollectError, CollectOptions, collect
+    from latentpi.client.collect.progress import print_summary
+    from latentpi.client.policy_client import ServerChanged, ServerRejected, ServerUnavailable
+    from latentpi.protocol.errors import ValidationError
+
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = CollectOptions(
+        suite=args.suite,
+        out=args.out,
+        tasks=args.tasks,
+        trials=args.trials,
+        max_steps=args.max_steps,
+        stride=args.stride,
+        server=args.server,
+        config=args.config,
+        api_key=args.api_key or os.environ.get("LATENTPI_API_KEY") or None,
+        workers=args.workers,
+        latents=args.latents,
+        seed=args.seed,
+        save_images=args.save_images,
+        retry_timeout_s=args.retry_timeout,
+        compression=args.compression,
+    )
+    try:
+        result = collect(options)
+    except ValidationError as error:
+        print(f"latentpi collect: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ServerRejected, ServerUnavailable, ServerChanged, CollectError, RuntimeError) as error:
+        kind = getattr(error, "kind", type(error).__name__)
+        print(f"latentpi collect: stopped ({kind}): {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print_summary(result.tasks, sys.stdout)
+    if result.redone:
+        print(f"{result.redone} episode(s) redone after a lost connection", file=sys.stdout)
+    return 0

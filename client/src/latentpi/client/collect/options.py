@@ -1,0 +1,170 @@
+"""What `latentpi collect` is asked to do, checked before anything starts.
+
+Every check here runs before the server starts and before any simulation: an unknown suite, a task
+range out of bounds, a stride of 0, an unwritable folder or an unreadable latent spec fail in
+seconds, naming the argument, instead of after a model has loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentpi.client.libero_env import MAX_STEPS, SUITES
+from latentpi.protocol.errors import ValidationError
+from latentpi.protocol.latent_spec import PRESETS, LatentSpec
+
+EMBEDDED = "embedded"
+MAX_SPEC_BYTES = 1 << 20  # a spec file is a few hundred bytes; refuse to read a huge one
+
+
+@dataclass(frozen=True)
+class CollectOptions:
+    """One collection: which tasks and trials, how to sample, where to write, which server."""
+
+    suite: str
+    out: Path
+    tasks: str | None = None  # "A:B", Python-style; None = every task of the suite
+    trials: int = 50
+    max_steps: int | None = None  # None = the suite's (openpi's) horizon
+    stride: int = 5
+    server: str = EMBEDDED  # "embedded" or ws://HOST:PORT
+    config: str = "pi0_tiny"  # the embedded server's configuration
+    api_key: str | None = None
+    workers: int = 1
+    latents: str = "default"  # a preset name or a spec.json path
+    seed: int = 7  # env.seed (openpi: 7)
+    save_images: bool = False
+    replan_steps: int = 5
+    num_steps_wait: int = 10
+    episode_retries: int = 3  # an episode cut by a lost connection is redone this many times
+    retry_timeout_s: float = 300.0  # how long a lost server is waited for (backoff)
+    compression: str = "lzf"
+
+    @property
+    def horizon(self) -> int:
+        return MAX_STEPS[self.suite] if self.max_steps is None else self.max_steps
+
+    @property
+    def embedded(self) -> bool:
+        return self.server == EMBEDDED
+
+    def arguments(self) -> dict[str, Any]:
+        """The arguments as stored in every task file (the API key is not)."""
+        return {
+            "suite": self.suite,
+            "tasks": self.tasks,
+            "trials": self.trials,
+            "max_steps": self.horizon,
+            "stride": self.stride,
+            "out": str(self.out),
+            "server": self.server,
+            "config": self.config if self.embedded else None,
+            "workers": self.workers,
+            "latents": self.latents,
+            "seed": self.seed,
+            "save_images": self.save_images,
+            "replan_steps": self.replan_steps,
+            "num_steps_wait": self.num_steps_wait,
+            "compression": self.compression,
+        }
+
+
+def check_options(options: CollectOptions) -> LatentSpec:
+    """Every argument that can be checked without LIBERO or a server; the latent spec."""
+    if options.suite not in SUITES:
+        raise ValidationError("--suite", f"one of {', '.join(SUITES)}", options.suite)
+    _positive("--trials", options.trials)
+    _positive("--stride", options.stride)
+    _positive("--workers", options.workers)
+    _positive("--replan-steps", options.replan_steps)
+    if options.max_steps is not None:
+        _positive("--max-steps", options.max_steps)
+    if not isinstance(options.num_steps_wait, int) or options.num_steps_wait < 0:
+        raise ValidationError("--num-steps-wait", "an integer >= 0", options.num_steps_wait)
+    if not options.embedded and not options.server.startswith(("ws://", "wss://")):
+        raise ValidationError("--server", f"a ws:// or wss:// URL or '{EMBEDDED}'", options.server)
+    check_writable(options.out)
+    return load_latent_spec(options.latents)
+
+
+def task_range(text: str | None, num_tasks: int) -> range:
+    """'A:B' (Python-style, either end optional, negatives count from the end) or 'A' -> task ids.
+
+    Unlike a Python slice, an end beyond the suite is an error rather than clipped."""
+    if text is None or text.strip() in ("", ":"):
+        return range(num_tasks)
+    expected = f"A:B or A with task ids in [0, {num_tasks}) (the suite has {num_tasks} tasks)"
+    parts = text.split(":")
+    try:
+        bounds = [int(part) if part.strip() else None for part in parts]
+    except ValueError:
+        raise ValidationError("--tasks", expected, text) from None
+    if len(bounds) == 1 and bounds[0] is not None:
+        start = bounds[0] + num_tasks if bounds[0] < 0 else bounds[0]
+        stop = start + 1
+    elif len(bounds) == 2:
+        start = _bound(bounds[0], 0, num_tasks)
+        stop = _bound(bounds[1], num_tasks, num_tasks)
+    else:
+        raise ValidationError("--tasks", expected, text)
+    if not 0 <= start < stop <= num_tasks:
+        raise ValidationError("--tasks", expected, text)
+    return range(start, stop)
+
+
+def _bound(value: int | None, default: int, num_tasks: int) -> int:
+    if value is None:
+        return default
+    return value + num_tasks if value < 0 else value
+
+
+def load_latent_spec(value: str) -> LatentSpec:
+    """A preset name, or a JSON file holding a preset name or a map of LatentSpec fields."""
+    if value in PRESETS:
+        return PRESETS[value]
+    path = Path(value)
+    expected = f"a preset ({', '.join(PRESETS)}) or a readable spec.json"
+    if not path.is_file():
+        raise ValidationError("--latents", expected, value)
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise ValidationError("--latents", f"a spec file under {MAX_SPEC_BYTES} bytes", value)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValidationError("--latents", f"{expected} ({error})", value) from None
+    try:
+        return LatentSpec.from_wire(data)
+    except (ValidationError, TypeError) as error:
+        raise ValidationError("--latents", f"a valid latent spec ({error})", value) from None
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and prove a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".latentpi-write-check-"):
+            pass
+    except OSError as error:
+        raise ValidationError(
+            "--out", "a writable folder", f"{folder} ({error.strerror})"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValidationError("--out", "a writable folder", str(folder))
+
+
+def _positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValidationError(name, "a positive integer", value)
+
+
+def check_trials(trials: int, num_init_states: Sequence[int]) -> None:
+    """Trial k starts from init state k: no task may have fewer init states than trials."""
+    fewest = min(num_init_states)
+    if trials > fewest:
+        raise ValidationError("--trials", f"at most {fewest} (init states per task)", trials)
