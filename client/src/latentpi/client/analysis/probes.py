@@ -162,8 +162,8 @@ def _probe(
     if n_splits < 2:
         return _undefined(metric, chance, counts, note)
 
-    # Hundreds of fits of tiny matrices: BLAS threads only add hand-off cost (20× slower measured
-    # on a busy 2-core machine), so they run single-threaded.
+    # Hundreds of fits of tiny matrices: BLAS threads only add hand-off cost (several times slower
+    # on a busy 2-core machine: bench/analysis_probes.py), so they run single-threaded.
     with threadpool_limits(limits=1, user_api="blas"):
         return _evaluate(x, y, groups, n_splits, config, metric, chance, counts, note)
 
@@ -239,13 +239,13 @@ def _fold_count(
 
 
 def _model(config: ProbeConfig, n_train: int, n_features: int) -> Pipeline:
-    # An L2 logistic regression's weights lie in the span of the (centred) training items, so
-    # projecting onto that span first (PCA keeping every component) changes nothing but the speed
-    # when features outnumber items (2048-wide states, tens of episodes).
+    # Solved to convergence (Newton, tol 1e-6): lbfgs at its default tolerance stops early enough on
+    # separable wide data to change a multinomial probe's accuracy (bench/analysis_probes.py).
+    # Newton needs a (features × features) Hessian, so wide features are first projected on the
+    # span of the (centred) training items — exact, as an L2 solution lies in that span.
     steps: list = [StandardScaler()]
     if n_features > n_train:
         steps.append(PCA(n_components=min(n_train, n_features), svd_solver="full"))
-    # Newton steps on these small problems: exact to 1e-6 and faster than lbfgs (multinomial).
     steps.append(
         LogisticRegression(
             C=config.regularization, solver="newton-cholesky", tol=1e-6, max_iter=200
