@@ -5,6 +5,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from latentpi.client.analysis import metrics
 from latentpi.protocol.errors import ValidationError
@@ -183,6 +185,30 @@ def test_cka_independent_data_debiased_is_near_zero_where_biased_is_not() -> Non
         rng.normal(size=(2000, 8)), rng.normal(size=(2000, 4)), debiased=False
     )
     assert tall < 0.02  # items ≫ features: both agree
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(5, 30),
+    widths=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    scale=st.floats(1e-3, 1e3),
+    debiased=st.booleans(),
+)
+def test_cka_properties_hold_for_any_data(
+    seed: int, n: int, widths: tuple[int, int], scale: float, debiased: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    x, y = (
+        rng.normal(size=(n, widths[0])),
+        rng.normal(size=(n, widths[1])) + rng.normal(size=(n, 1)),
+    )
+    value = metrics.linear_cka(x, y, debiased=debiased)
+    assert -1 - 1e-9 <= value <= 1 + 1e-9
+    assert metrics.linear_cka(y, x, debiased=debiased) == pytest.approx(value, abs=1e-9)
+    moved = scale * x @ _orthogonal(rng, widths[0]) + rng.normal(size=widths[0])
+    assert metrics.linear_cka(moved, y, debiased=debiased) == pytest.approx(value, abs=1e-7)
+    assert metrics.linear_cka(x, x, debiased=debiased) == pytest.approx(1, abs=1e-9)
 
 
 def test_cka_across_widths_like_the_two_experts() -> None:

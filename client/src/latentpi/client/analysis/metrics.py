@@ -290,22 +290,17 @@ class StepSimilarity:
 
 def step_similarity(expert_1_states: np.ndarray, *, debiased: bool = True) -> StepSimilarity:
     """expert_1_states: (S, T, L, ...) — positions and hidden flattened as features."""
-    x = np.asarray(expert_1_states)
-    if x.ndim < 4:
-        raise ValidationError(
-            "expert_1_hidden_states", "an array (sample, step, layer, [position,] hidden)", x
-        )
-    x = x.astype(np.float64).reshape(*x.shape[:3], -1)  # (S, T, L, F)
-    steps, layers = x.shape[1], x.shape[2]
+    states = as_float64(expert_1_states, "expert_1_hidden_states", (4, 5))
+    features = states.reshape(*states.shape[:3], -1)  # (S, T, L, F)
+    steps, layers = features.shape[1], features.shape[2]
     cka = np.stack(
         [
-            cka_matrix([x[:, t, layer] for t in range(steps)], debiased=debiased)
+            cka_matrix([features[:, t, layer] for t in range(steps)], debiased=debiased)
             for layer in range(layers)
         ]
     )
-    flat = np.asarray(expert_1_states, np.float64)
-    cos = cosine_similarity(flat, flat[:, -1:])  # (S, T, L[, P])
-    cos = cos.reshape(*cos.shape[:3], -1).mean(axis=(0, 3))  # (T, L)
+    cos = cosine_similarity(states, states[:, -1:])  # (S, T, L[, P])
+    cos = np.nanmean(cos.reshape(*cos.shape[:3], -1), axis=(0, 3))  # (T, L)
     return StepSimilarity(cka=cka, cosine_to_last=cos.T)
 
 
