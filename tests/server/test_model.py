@@ -3,8 +3,10 @@ change nothing, rows of a batch are independent, float and uint8 images agree, b
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -12,10 +14,10 @@ import pytest
 
 from latentpi.protocol.latent_spec import preset
 from latentpi.server import parity
-from latentpi.server.model import capture
+from latentpi.server.model import capture, configs
 from latentpi.server.model.checkpoint import load_params_npz
 from latentpi.server.model.gemma import apply_rope
-from latentpi.server.model.pi0 import make_attn_mask, param_shapes, posemb_sincos
+from latentpi.server.model.pi0 import fake_inputs, make_attn_mask, param_shapes, posemb_sincos
 
 PATH = Path("/work/shared/reference/pi0_tiny.npz")
 
@@ -122,4 +124,34 @@ def test_bfloat16_serving(reference) -> None:
         config.depth + 1,
         config.suffix_len,
         config.expert_1.width,
+    )
+
+
+@pytest.mark.parametrize("name", ["pi0", "pi05"])
+def test_full_size_traces_with_capture(name: str) -> None:
+    """The full-size models trace end to end (bfloat16, `default` and attention capture) without
+    allocating: shape errors between 2048- and 1024-wide experts would show here."""
+    config = configs.NAMED[name]("bfloat16")
+    params = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, jnp.bfloat16), param_shapes(config)
+    )
+    obs, noise = jax.eval_shape(lambda: fake_inputs(config, 2))
+    spec = dataclasses.replace(preset("default"), attention="head_mean")
+    plan = capture.CapturePlan(config, capture.CompiledSampler(config).resolve(spec))
+    lowered = jax.jit(lambda p, o, n: capture.run_sampler(config, plan, p, o, n)).lower(
+        params, obs, noise
+    )
+    actions, latents = lowered.out_info
+    assert actions.shape == (2, config.action_horizon, 32)
+    depth, segments_0 = config.depth, 4
+    assert latents["text_only_hidden_states"].shape == (2, depth + 1, config.max_token_len, 2048)
+    assert latents["text_only_hidden_states"].dtype == jnp.bfloat16
+    assert latents["expert_1_hidden_states"].shape == (2, 1, depth + 1, config.suffix_len, 1024)
+    segments_1 = len(configs.token_layout(config).expert_1)
+    assert latents["attention_mass_expert_1"].shape == (
+        2,
+        1,
+        depth,
+        segments_1,
+        segments_0 + segments_1,
     )

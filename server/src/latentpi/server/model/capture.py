@@ -46,12 +46,6 @@ class CapturePlan:
     spec: LatentSpec  # resolved
     trace: bool = False
 
-    @classmethod
-    def build(cls, config: ModelConfig, spec: LatentSpec, *, trace: bool = False) -> CapturePlan:
-        return cls(
-            config, spec.resolve(token_layout(config), config.depth, config.num_steps), trace
-        )
-
     @property
     def layout(self) -> TokenLayout:
         return token_layout(self.config)
