@@ -78,7 +78,7 @@ class TaskData:
         return episode[name]
 
     def labels(self, array: LazyArray, name: str) -> Mapping[str, Any]:
-        return getattr(array, "layout", None) or self._derived.get(name, {})
+        return array.layout or self._derived.get(name, {})
 
     def axes(self, array: LazyArray, name: str) -> tuple[str, ...]:
         """Axis names, "sample" first (from the labels when the file stored none)."""
@@ -143,12 +143,13 @@ def sample_vectors(
     expert_type: ExpertType = "text_only",
     layer_idx: int | None = None,
     step: int = -1,
+    first: int | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """One vector per recorded sample and layer, (S, L, D) float64, and the residual entries.
 
     text_only / expert_0: the mean over the VALID prompt positions (or the device-pooled prompt
     segment); expert_1: the mean over the `actions` segment at denoising step `step` (a recorded
-    step's index, default the last)."""
+    step's index, default the last). `first`: read only the episode's first samples."""
     if expert_type not in EXPERT_TYPES:
         raise ValidationError("expert_type", f"one of {', '.join(EXPERT_TYPES)}", expert_type)
     episode = data.episode(episode_idx)
@@ -156,23 +157,29 @@ def sample_vectors(
     array = data.array(episode, name)
     positions = data.layer_positions(array, name, layer_idx)
     recorded = data.layers(array, name)
-    read = _reader(data, episode, array, name, expert_type, step)
+    read = _reader(data, episode, array, name, expert_type, step, slice(first))
     return np.stack([read(p) for p in positions], axis=1), [recorded[p] for p in positions]
 
 
 def _reader(
-    data: TaskData, episode: EpisodeView, array: LazyArray, name: str, expert_type: str, step: int
+    data: TaskData,
+    episode: EpisodeView,
+    array: LazyArray,
+    name: str,
+    expert_type: str,
+    step: int,
+    samples: slice,
 ):
     """A function: layer position -> (S, D) vectors, reading only that layer."""
     labels = data.labels(array, name)
-    lead: tuple[Any, ...] = (slice(None),)
+    lead: tuple[Any, ...] = (samples,)
     if expert_type == "expert_1":
         steps = array.shape[1]
         if not -steps <= step < steps:
             raise ValidationError(
                 "step", f"a recorded denoising step index in [{-steps}, {steps - 1}]", step
             )
-        lead = (slice(None), step % steps)
+        lead = (samples, step % steps)
     segment = ACTIONS_SEGMENT if expert_type == "expert_1" else PROMPT_SEGMENT
     axes = data.axes(array, name)
     if axes[-2:] == ("segment", "hidden"):  # device-pooled
@@ -186,7 +193,7 @@ def _reader(
     start, stop = _span(labels, name, segment, array.shape[axes.index("position")])
     if expert_type == "expert_1":
         return lambda p: np.asarray(array[(*lead, p, slice(start, stop))], np.float64).mean(axis=1)
-    mask = np.asarray(data.array(episode, "prompt_mask")[()], bool)
+    mask = np.asarray(data.array(episode, "prompt_mask")[samples], bool)
     if mask.shape[1] != stop - start:
         raise ValidationError(
             "prompt_mask", f"{stop - start} positions (the prompt segment of {name})", mask

@@ -60,8 +60,7 @@ def episode_features(
         )
     rows, layers = [], []
     for data, episode in episodes:
-        vectors, layers = sample_vectors(data, episode.index, expert_type)
-        vectors = vectors[:window]
+        vectors, layers = sample_vectors(data, episode.index, expert_type, first=window)
         drift = metrics.language_drift(vectors).cosine_distance.T  # (L, window)
         rows.append((vectors.mean(axis=0), drift, vectors[list(samples)]))
     mean, drift, at_samples = (np.stack(parts) for parts in zip(*rows, strict=True))
