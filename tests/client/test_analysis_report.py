@@ -73,6 +73,15 @@ def test_missing_arrays_give_a_note_not_a_crash(tmp_path: Path) -> None:
     )
 
 
+def test_task_file_without_episodes_is_reported_as_such(tmp_path: Path) -> None:
+    write_task(tmp_path / "runs", 4, [])
+    write_task(tmp_path / "runs", 5, [Planted(5, 0, 4, True)])
+    out = tmp_path / "report"
+    assert analyze(str(tmp_path / "runs"), "--out", str(out), "--shuffles", "2") == 0
+    page = (out / "index.html").read_text()
+    assert "no recorded episode yet" in page and "task 5 (libero_object): language drift" in page
+
+
 def test_analyze_without_task_files_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -84,6 +84,10 @@ def build_report(root: str | Path, out: str | Path, config: ReportConfig | None 
     try:
         sections = [_overview(datas)]
         for data in datas:
+            if not data.episodes:
+                sections.append(Section(_label(data)))
+                sections[-1].note("no recorded episode yet")
+                continue
             sections += [
                 _guarded(f"{_label(data)}: {title}", fn, data, config) for title, fn in _PER_TASK
             ]
