@@ -184,16 +184,10 @@ def _evaluate(
     pred, folds = _cross_validate(x, y, classes, groups, n_splits, config)
     score = float(_score(metric, y[None], pred[None])[0])
     fold_scores = np.array([_score(metric, y[None, f], pred[None, f])[0] for f in folds])
-    shuffled = np.array(
-        [
-            _score(
-                metric,
-                yp[None],
-                _cross_validate(x, yp, classes, groups, n_splits, config)[0][None],
-            )[0]
-            for yp in (_permute(y, groups, rng) for _ in range(config.n_shuffles))
-        ]
-    )
+    shuffled = np.array([
+        _score(metric, yp[None], _cross_validate(x, yp, classes, groups, n_splits, config)[0][None])[0]
+        for yp in (_permute(y, groups, rng) for _ in range(config.n_shuffles))
+    ])  # fmt: skip
     p_value = (
         float((1 + np.sum(shuffled >= score)) / (1 + len(shuffled)))
         if len(shuffled)
