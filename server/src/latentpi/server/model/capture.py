@@ -14,8 +14,9 @@ Shapes (batch first; see latentpi.protocol.latent_spec for the unbatched ones):
   attention_mass_expert_1 (B, step, layer, [head,] query segment, key segment) float32
 Attention layers are the spec's layers below `depth` (residual entry l is the input of layer l,
 whose attention is reported as layer l). A segment with no valid position pools to zeros and has
-an all-zero attention row. With `trace`, the plan also keeps `velocity` (B, step, horizon, action_dim)
-and `expert_0_final_normed` (B, prefix, width_0): what the parity check compares.
+an all-zero attention row. With `trace`, the plan also keeps `velocity` (B, step, horizon,
+action_dim) at the spec's steps and `expert_0_final_normed` (B, prefix, width_0): what the parity
+check compares. Unselected denoising steps are never stored (see `pi0.sample_actions`).
 """
 
 from __future__ import annotations
@@ -123,10 +124,9 @@ class CapturePlan:
         return out
 
     def step_outputs(
-        self, index: jnp.ndarray, v_t: jnp.ndarray, taps: Any, last: jnp.ndarray
+        self, v_t: jnp.ndarray, taps: Any, last: jnp.ndarray
     ) -> dict[str, jnp.ndarray]:
-        """What one denoising step contributes (used as the step scan's `reduce_step`)."""
-        del index
+        """What one kept denoising step contributes (the step loop's `reduce_step`)."""
         out = (
             self.stack_layers(taps, self.residual([None, last], jnp.zeros((1, 1), bool)))
             if taps
@@ -145,13 +145,8 @@ class CapturePlan:
         latents = self.stack_layers(prefix.taps, self.residual([prefix.last, None], prefix.mask))
         if self.spec.text_only:
             latents["prompt_mask"] = obs.tokenized_prompt_mask.astype(bool)
-        steps = np.asarray(self.spec.steps)
-        for name, value in (result.step_outputs or {}).items():
-            latents[name] = (
-                jnp.moveaxis(value, 0, 1)
-                if name == "velocity"
-                else jnp.moveaxis(value[steps], 0, 1)
-            )
+        for name, value in (result.kept or {}).items():  # (step, B, ...) -> (B, step, ...)
+            latents[name] = jnp.moveaxis(value, 0, 1)
         if self.trace:
             latents["expert_0_final_normed"] = prefix.final_normed
         return latents
@@ -202,7 +197,10 @@ def run_sampler(
     if plan is None:
         return sample_actions(Pi0(config), params, obs, noise).actions, {}
     reduce_step = plan.step_outputs if plan.needs_steps else None
-    result = sample_actions(Pi0(config, tap=plan), params, obs, noise, reduce_step=reduce_step)
+    module = Pi0(config, tap=plan)
+    result = sample_actions(
+        module, params, obs, noise, reduce_step, keep_steps=plan.spec.steps or ()
+    )
     return result.actions, plan.collect(result, obs)
 
 

@@ -12,6 +12,7 @@ first action token are 1. Positions count valid tokens only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,7 +187,7 @@ class Pi0(nn.Module):
 class SampleResult:
     actions: jnp.ndarray  # (B, action_horizon, action_dim)
     prefix: Prefix
-    step_outputs: Any  # per denoising step (leading axis): (v_t, taps, last residual) or the caller's reduction
+    kept: Any  # the kept steps' `reduce_step` outputs, stacked in the order of `keep_steps`
 
 
 def sample_actions(
@@ -194,34 +195,50 @@ def sample_actions(
     params: Any,
     obs: Observation,
     noise: jnp.ndarray,
-    reduce_step: Any = None,
+    reduce_step: Callable[[jnp.ndarray, jnp.ndarray, Any, jnp.ndarray], Any] | None = None,
+    keep_steps: tuple[int, ...] = (),
 ) -> SampleResult:
-    """Flow-matching sampling (traceable; jit it). `reduce_step(step, v_t, taps, last)`, if given,
-    maps each step's outputs to what the loop stacks (so unneeded steps can be dropped on the spot);
-    by default nothing per step is kept."""
+    """Flow-matching sampling (traceable; jit it).
+
+    `reduce_step(v_t, taps, last)`, if given, maps a denoising step's outputs to what is kept; only
+    the steps in `keep_steps` are kept, written into a buffer carried through the loop (the other
+    steps write to one scratch row), so the device holds len(keep_steps) + 1 steps, not all."""
     variables = {"params": params}
     num_steps = module.config.num_steps
     dt = -1.0 / num_steps
     batch = noise.shape[0]
     prefix = module.apply(variables, obs, method=Pi0.prefix_pass)
 
-    def step(carry: tuple[jnp.ndarray, jnp.ndarray], index: jnp.ndarray):
-        x_t, time = carry
-        v_t, taps, last = module.apply(
-            variables,
-            obs.state,
-            x_t,
-            jnp.broadcast_to(time, (batch,)),
-            prefix.kv_cache,
-            prefix.mask,
-            method=Pi0.velocity,
+    def network(x_t: jnp.ndarray, time: jnp.ndarray) -> tuple[jnp.ndarray, Any, jnp.ndarray]:
+        time = jnp.broadcast_to(time, (batch,))
+        return module.apply(
+            variables, obs.state, x_t, time, prefix.kv_cache, prefix.mask, method=Pi0.velocity
         )
-        kept = reduce_step(index, v_t, taps, last) if reduce_step is not None else None
-        return (x_t + dt * v_t, time + dt), kept
+
+    keep = reduce_step is not None and bool(keep_steps)
+    buffers = None
+    if keep:
+        shapes = jax.eval_shape(lambda x: reduce_step(*network(x, jnp.float32(1.0))), noise)
+        buffers = jax.tree.map(
+            lambda s: jnp.zeros((len(keep_steps) + 1, *s.shape), s.dtype), shapes
+        )
+        slot_of_step = np.full(num_steps, len(keep_steps), np.int32)
+        slot_of_step[list(keep_steps)] = np.arange(len(keep_steps))
+
+    def step(carry: tuple[jnp.ndarray, jnp.ndarray, Any], index: jnp.ndarray):
+        x_t, time, buffers = carry
+        v_t, taps, last = network(x_t, time)
+        if keep:
+            slot = jnp.asarray(slot_of_step)[index]
+            update = lambda buf, value: jax.lax.dynamic_update_index_in_dim(buf, value, slot, 0)  # noqa: E731
+            buffers = jax.tree.map(update, buffers, reduce_step(v_t, taps, last))
+        return (x_t + dt * v_t, time + dt, buffers), None
 
     # t runs 1, 1 + dt, ... accumulated in float32 exactly as openpi's while loop does.
-    (actions, _), kept = jax.lax.scan(step, (noise, jnp.float32(1.0)), jnp.arange(num_steps))
-    return SampleResult(actions=actions, prefix=prefix, step_outputs=kept)
+    init = (noise, jnp.float32(1.0), buffers)
+    (actions, _, buffers), _ = jax.lax.scan(step, init, jnp.arange(num_steps))
+    kept = jax.tree.map(lambda buf: buf[:-1], buffers) if keep else None
+    return SampleResult(actions=actions, prefix=prefix, kept=kept)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1) -> Any:
