@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -103,6 +104,8 @@ def _run_pool(
                 process.terminate()
         for process in processes:
             process.join(10)
+            if process.is_alive():
+                process.kill()
 
 
 def _drain(processes: Sequence[Any], events: Any, on_event: Callable[[Event], None]) -> None:
@@ -135,6 +138,9 @@ def _worker_main(
     level: int,
 ) -> None:
     die_with_parent(parent_pid)
+    # terminate() (another worker failed): unwind, so the episode in flight drops its .tmp and
+    # the task's lock and environment are released
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
     )
@@ -152,3 +158,8 @@ def _worker_main(
         raise SystemExit(1) from None
     events.close()
     events.join_thread()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    del frame
+    raise SystemExit(128 + signum)
