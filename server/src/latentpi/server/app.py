@@ -62,7 +62,7 @@ class PolicyServer:
         self._engine_factory = engine_factory
         self._engine: PolicyEngine | None = None
         self._metadata_frame = b""
-        self._ready = asyncio.Event()
+        self._loaded = asyncio.Event()  # set once loading ended, whether it worked or not
         self._load_error: BaseException | None = None
         self._batcher: DynamicBatcher[Prepared, dict[str, Any]] | None = None
         self._stopping = threading.Event()
@@ -86,6 +86,7 @@ class PolicyServer:
         except Exception as error:
             self._load_error = error
             logger.exception("loading the model failed")
+            self._loaded.set()  # waiting connections are refused, not left hanging
             return
         self._engine = engine
         self._metadata_frame = packb(engine.metadata())
@@ -97,12 +98,12 @@ class PolicyServer:
             metrics=self.metrics,
         )
         self._batcher.start()
-        self._ready.set()
+        self._loaded.set()
         logger.info("model ready")
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self._loaded.is_set() and self._load_error is None
 
     # -- HTTP -----------------------------------------------------------------------------------
     async def healthz(self, _: Request) -> Response:
@@ -125,7 +126,13 @@ class PolicyServer:
                 PlainTextResponse("invalid or missing API key", status_code=401)
             )
             return
-        await self._ready.wait()
+        await self._loaded.wait()  # connections made while loading wait for the model
+        if self._load_error is not None:
+            self.metrics.errors.labels("unavailable").inc()
+            await websocket.send_denial_response(
+                PlainTextResponse("model failed to load (see the server log)", status_code=503)
+            )
+            return
         await websocket.accept()
         self.metrics.clients.inc()
         try:
