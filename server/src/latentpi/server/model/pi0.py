@@ -195,7 +195,7 @@ def sample_actions(
     params: Any,
     obs: Observation,
     noise: jnp.ndarray,
-    reduce_step: Callable[[jnp.ndarray, jnp.ndarray, Any, jnp.ndarray], Any] | None = None,
+    reduce_step: Callable[[jnp.ndarray, Any, jnp.ndarray], Any] | None = None,
     keep_steps: tuple[int, ...] = (),
 ) -> SampleResult:
     """Flow-matching sampling (traceable; jit it).
@@ -230,8 +230,11 @@ def sample_actions(
         v_t, taps, last = network(x_t, time)
         if keep:
             slot = jnp.asarray(slot_of_step)[index]
-            update = lambda buf, value: jax.lax.dynamic_update_index_in_dim(buf, value, slot, 0)  # noqa: E731
-            buffers = jax.tree.map(update, buffers, reduce_step(v_t, taps, last))
+
+            def write(buf: jnp.ndarray, value: jnp.ndarray) -> jnp.ndarray:
+                return jax.lax.dynamic_update_index_in_dim(buf, value, slot, 0)
+
+            buffers = jax.tree.map(write, buffers, reduce_step(v_t, taps, last))
         return (x_t + dt * v_t, time + dt, buffers), None
 
     # t runs 1, 1 + dt, ... accumulated in float32 exactly as openpi's while loop does.
