@@ -58,6 +58,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentpi-model")
         self._task: asyncio.Task[None] | None = None
+        self._in_flight: list[_Pending[ItemT, ResultT]] = []  # taken from the queue, not answered
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="latentpi-batcher")
@@ -67,8 +68,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
+        # Requests gathered or running when the loop was cancelled would otherwise never resolve.
+        waiting = [
+            *self._in_flight,
+            *(self._queue.get_nowait() for _ in range(self._queue.qsize())),
+        ]
+        for pending in waiting:
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("server shutting down"))
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -85,14 +90,16 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     async def _loop(self) -> None:
         while True:
-            gathered = await self._gather()
+            self._in_flight = []
+            await self._gather(self._in_flight)
             self._metrics.queue_depth.set(self._queue.qsize())
-            for chunk in _chunks_by_group(gathered, self._max_batch):
+            live = [p for p in self._in_flight if not p.future.done()]  # skip clients that left
+            for chunk in _chunks_by_group(live, self._max_batch):
                 await self._run(chunk)
 
-    async def _gather(self) -> list[_Pending[ItemT, ResultT]]:
+    async def _gather(self, gathered: list[_Pending[ItemT, ResultT]]) -> None:
         """The first waiting request, then whatever arrives within the window (up to max_batch)."""
-        gathered = [await self._queue.get()]
+        gathered.append(await self._queue.get())
         deadline = asyncio.get_running_loop().time() + self._window_s
         while len(gathered) < self._max_batch:
             if not self._queue.empty():
@@ -105,7 +112,6 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 gathered.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
                 break
-        return [p for p in gathered if not p.future.done()]  # skip requests whose client left
 
     async def _run(self, chunk: list[_Pending[ItemT, ResultT]]) -> None:
         self._metrics.batch_size.observe(len(chunk))
