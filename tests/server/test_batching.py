@@ -1,0 +1,159 @@
+"""Dynamic batching end to end: concurrent stock openpi-clients with different observations, prompts
+and noise seeds each get exactly their own rows back; different latent specs in one window are
+grouped; noise_seed makes a request reproducible alone and inside a batch.
+
+XLA on CPU gives bit-identical rows for batch sizes 1, 2 and 4 of the tiny models (measured), so
+batched rows are compared to the same request served alone with exact equality.
+"""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import STOCK_CLIENT_WARNING, observation
+from openpi_client.websocket_client_policy import WebsocketClientPolicy
+from prometheus_client.parser import text_string_to_metric_families
+
+from latentpi.protocol.latent_layout import LATENT_NAMES
+from latentpi.server.embedded import RunningServer, start_server
+from latentpi.server.engine import PolicyEngine
+from latentpi.server.settings import ServerSettings
+
+pytestmark = pytest.mark.filterwarnings(STOCK_CLIENT_WARNING)
+
+CLIENTS = 4
+# A long window: concurrent requests released by a barrier always meet in one batch; the gather
+# ends as soon as max_batch requests are in, so a full batch does not wait it out.
+WINDOW_MS = 1500.0
+
+
+@pytest.fixture(scope="module")
+def batching_server(pi0_engine: PolicyEngine) -> Iterator[RunningServer]:
+    settings = ServerSettings(port=0, max_batch=CLIENTS, batch_window_ms=WINDOW_MS)
+    with start_server(lambda: pi0_engine, settings) as server:
+        yield server
+
+
+def batch_sizes(server: RunningServer) -> tuple[float, float, float]:
+    """(model calls, requests in them, calls of exactly one request) so far."""
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {
+        (sample.name, sample.labels.get("le")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    return (
+        samples[("latentpi_batch_size_count", None)],
+        samples[("latentpi_batch_size_sum", None)],
+        samples[("latentpi_batch_size_bucket", "1.0")],
+    )
+
+
+def concurrently(server: RunningServer, requests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each request from its own thread and its own stock client, released together."""
+    policies = [WebsocketClientPolicy(server.url) for _ in requests]
+    barrier = threading.Barrier(len(requests))
+    results: list[Any] = [None] * len(requests)
+
+    def call(index: int) -> None:
+        barrier.wait(30)
+        try:
+            results[index] = policies[index].infer(requests[index])
+        except Exception as error:  # reported by the assertion below
+            results[index] = error
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for policy in policies:
+        policy._ws.close()  # the stock client has no close()
+    assert all(isinstance(result, dict) for result in results), results
+    return results
+
+
+def alone(server: RunningServer, requests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    policy = WebsocketClientPolicy(server.url)
+    try:
+        return [policy.infer(request) for request in requests]
+    finally:
+        policy._ws.close()
+
+
+def assert_same_rows(got: dict[str, Any], expected: dict[str, Any]) -> None:
+    np.testing.assert_array_equal(got["actions"], expected["actions"])
+    names = [name for name in LATENT_NAMES if name in expected]
+    assert [name for name in LATENT_NAMES if name in got] == names
+    for name in names:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_concurrent_clients_each_get_their_own_rows(
+    batching_server: RunningServer, pi0_server: RunningServer
+) -> None:
+    requests = [observation(i, noise_seed=100 + i) for i in range(CLIENTS)]
+    assert len({r["prompt"] for r in requests}) == CLIENTS
+    calls_before, rows_before, _ = batch_sizes(batching_server)
+    batched = concurrently(batching_server, requests)
+    calls, rows, _ = batch_sizes(batching_server)
+    assert rows - rows_before == CLIENTS
+    assert calls - calls_before == 1  # one model call for all four
+
+    for got, expected in zip(batched, alone(pi0_server, requests), strict=True):
+        assert_same_rows(got, expected)
+    actions = [result["actions"] for result in batched]
+    assert all(not np.array_equal(actions[0], other) for other in actions[1:])
+
+
+def test_different_specs_in_one_window_are_grouped(
+    batching_server: RunningServer, pi0_server: RunningServer
+) -> None:
+    """Three plain requests and one with the default latents arrive together: two model calls
+    (one per compiled function), and every client gets its own answer of its own kind."""
+    requests = [observation(i, noise_seed=200 + i) for i in range(CLIENTS - 1)]
+    requests.append(observation(9, noise_seed=209, collect_latents=True))
+    calls_before, rows_before, singles_before = batch_sizes(batching_server)
+    batched = concurrently(batching_server, requests)
+    calls, rows, singles = batch_sizes(batching_server)
+    assert (calls - calls_before, rows - rows_before, singles - singles_before) == (2, 4, 1)
+
+    for got, expected in zip(batched, alone(pi0_server, requests), strict=True):
+        assert_same_rows(got, expected)
+    assert "text_only_hidden_states" in batched[-1]
+    assert not any(name in result for result in batched[:-1] for name in LATENT_NAMES)
+
+
+def test_batch_size_histogram_shows_batches_over_one(batching_server: RunningServer) -> None:
+    calls, rows, singles = batch_sizes(batching_server)
+    assert calls > singles  # some model call served more than one request
+    assert rows > calls
+
+
+# -- noise_seed ---------------------------------------------------------------------------------
+@pytest.fixture
+def policy(pi0_server: RunningServer, stock_client: Callable[..., Any]) -> Any:
+    return stock_client(pi0_server)
+
+
+def test_same_seed_same_actions_and_latents(policy: Any) -> None:
+    request = observation(3, noise_seed=42, collect_latents=True)
+    assert_same_rows(policy.infer(request), policy.infer(request))
+
+
+def test_different_seeds_differ(policy: Any) -> None:
+    first = policy.infer(observation(3, noise_seed=42))["actions"]
+    second = policy.infer(observation(3, noise_seed=43))["actions"]
+    assert not np.allclose(first, second)
+
+
+def test_without_a_seed_every_call_draws_new_noise(policy: Any) -> None:
+    first = policy.infer(observation(3))["actions"]
+    second = policy.infer(observation(3))["actions"]
+    assert not np.allclose(first, second)
