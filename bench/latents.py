@@ -25,7 +25,9 @@ VARIANTS = ("plain", "default", "full", "attention")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="pi0_tiny", choices=["pi0_tiny", "pi05_tiny", "pi0", "pi05"])
+    parser.add_argument(
+        "--config", default="pi0_tiny", choices=["pi0_tiny", "pi05_tiny", "pi0", "pi05"]
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--calls", type=int, default=20)
@@ -44,15 +46,23 @@ def main() -> None:
         params = jax.tree.map(lambda p: p.astype(jax.numpy.bfloat16), params)
     rng = np.random.default_rng(0)
     batch, height, width = args.batch, *config.vision.image_size
-    prompt_mask = np.arange(config.max_token_len)[None] < rng.integers(5, config.max_token_len, (batch, 1))
+    prompt_mask = np.arange(config.max_token_len)[None] < rng.integers(
+        5, config.max_token_len, (batch, 1)
+    )
     obs = Observation(
-        images={s: rng.integers(0, 256, (batch, height, width, 3), np.uint8) for s in config.image_slots},
+        images={
+            s: rng.integers(0, 256, (batch, height, width, 3), np.uint8) for s in config.image_slots
+        },
         image_masks={s: np.array([s != "right_wrist_0_rgb"] * batch) for s in config.image_slots},
         state=rng.standard_normal((batch, config.action_dim)).astype(np.float32),
-        tokenized_prompt=np.where(prompt_mask, rng.integers(1, 1000, prompt_mask.shape), 0).astype(np.int32),
+        tokenized_prompt=np.where(prompt_mask, rng.integers(1, 1000, prompt_mask.shape), 0).astype(
+            np.int32
+        ),
         tokenized_prompt_mask=prompt_mask,
     )
-    noise = rng.standard_normal((batch, config.action_horizon, config.action_dim)).astype(np.float32)
+    noise = rng.standard_normal((batch, config.action_horizon, config.action_dim)).astype(
+        np.float32
+    )
     sampler = capture.CompiledSampler(config)
     specs = {name: None if name == "plain" else preset(name) for name in VARIANTS}
 
@@ -70,11 +80,17 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) * 1e3)
 
     base = statistics.median(times["plain"])
-    print(f"{args.config} ({args.dtype}), batch {batch}, {args.calls} calls each, device {jax.devices()[0].platform}")
-    print(f"{'variant':<10} {'median ms':>10} {'vs plain':>9} {'latent KiB':>11} {'first call s':>13}")
+    print(
+        f"{args.config} ({args.dtype}), batch {batch}, {args.calls} calls each, device {jax.devices()[0].platform}"
+    )
+    print(
+        f"{'variant':<10} {'median ms':>10} {'vs plain':>9} {'latent KiB':>11} {'first call s':>13}"
+    )
     for name in specs:
         median = statistics.median(times[name])
-        print(f"{name:<10} {median:>10.1f} {median / base:>8.2f}x {latent_bytes[name] / 1024:>11.1f} {compile_s[name]:>13.1f}")
+        print(
+            f"{name:<10} {median:>10.1f} {median / base:>8.2f}x {latent_bytes[name] / 1024:>11.1f} {compile_s[name]:>13.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def test_token_layout_from_config() -> None:
 
 def test_config_errors_name_the_field() -> None:
     meta = {"model": "pi0", "expert_0": {"width": 8}}
-    with pytest.raises(ValidationError, match=r"meta_json\.vision: expected a Mapping, received None"):
+    with pytest.raises(
+        ValidationError, match=r"meta_json\.vision: expected a Mapping, received None"
+    ):
         configs.ModelConfig.from_meta(meta)
     meta["vision"] = {"width": 8, "depth": 1, "mlp_dim": 8, "num_heads": 2, "patch_size": [14, 14]}
     with pytest.raises(ValidationError, match=r"meta_json\.expert_0\.depth"):
