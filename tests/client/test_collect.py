@@ -270,7 +270,7 @@ def kill_when(
     kids: dict[int, str] = {}
 
     def look() -> None:
-        for pid in children(process.pid) - set(kids):
+        for pid in children(process.pid):  # re-read: a fresh child still shows our cmdline
             try:
                 kids[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
@@ -361,7 +361,9 @@ def test_server_lost_mid_run_is_retried_and_the_episode_redone(
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, stderr
-    assert "retrying" in stderr and "redoing the episode" in stderr
+    # (whether the reconnect needed backoff depends on how soon the new server bound its port;
+    # backoff itself is tested in test_policy_client.py)
+    assert "lost during a request" in stderr and "redoing the episode" in stderr
     assert "redone after a lost connection" in stdout
     (path,) = task_files(out)
     check_task_file(path, server.metadata(), PRESETS["default"], [0, 1])

@@ -12,6 +12,7 @@ from latentpi.client.libero_env import MAX_STEPS, SUITES
 
 EXIT_FAILED = 1  # the run started and stopped on an error (server refused, unreachable, ...)
 EXIT_USAGE = 2  # bad arguments: nothing was started
+EXIT_INTERRUPTED = 130
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         kind = getattr(error, "kind", type(error).__name__)
         print(f"latentpi collect: stopped ({kind}): {error}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("latentpi collect: interrupted (run the same command to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print_summary(result.tasks, sys.stdout)
     if result.redone:
         print(f"{result.redone} episode(s) redone after a lost connection", file=sys.stdout)
