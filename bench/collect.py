@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1, help="speed runs per variant (median)")
     parser.add_argument("--rss-episodes", type=int, default=10)
+    parser.add_argument("--short-steps", type=int, default=10, help="max steps for 2. and 3.")
     parser.add_argument("--write-samples", type=int, default=50)
     parser.add_argument("--skip", nargs="*", default=(), choices=("speed", "rss", "bytes", "write"))
     parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
@@ -159,12 +160,19 @@ def _rss(args: argparse.Namespace, url: str) -> None:
     with tempfile.TemporaryDirectory() as out:
         report = Path(out) / "rss.json"
         command = [sys.executable, __file__, "--rss-child", str(report), "--server", url]
-        command += ["--max-steps", str(args.max_steps), "--rss-episodes", str(args.rss_episodes)]
+        command += [
+            "--short-steps",
+            str(args.short_steps),
+            "--rss-episodes",
+            str(args.rss_episodes),
+        ]
         subprocess.run(command, check=True)
         rss = json.loads(report.read_text())
     per_episode, peak = rss["per_episode_mb"], rss["peak_mb"]
     growth = (per_episode[-1] - per_episode[1]) / per_episode[1]
-    print(f"\n## client memory (one task, {len(per_episode)} episodes of {args.max_steps} steps)\n")
+    print(
+        f"\n## client memory (one task, {len(per_episode)} episodes of {args.short_steps} steps)\n"
+    )
     print("| peak RSS MB | RSS after episode 2 MB | after the last MB | growth 2 -> last |")
     print("| --- | --- | --- | --- |")
     print(f"| {peak:.0f} | {per_episode[1]:.0f} | {per_episode[-1]:.0f} | {growth:+.2%} |")
@@ -183,7 +191,7 @@ def _rss_child(args: argparse.Namespace) -> None:
             out=Path(out),
             tasks="0",
             trials=args.rss_episodes,
-            max_steps=args.max_steps,
+            max_steps=args.short_steps,
             stride=args.stride,
             server=args.server,
         )
@@ -202,17 +210,26 @@ def _status_mb(key: str) -> float:
 # -- 3. bytes per preset --------------------------------------------------------------------------
 def _bytes(args: argparse.Namespace, url: str) -> None:
     print(
-        f"\n## bytes per preset (pi0_tiny, one episode of {args.max_steps} steps, stride {args.stride})\n"
+        f"\n## bytes per preset (pi0_tiny, one episode of {args.short_steps} steps, stride {args.stride})\n"
     )
     print("| preset | samples | KB / sample (file) | MB / task (50 trials, 280 steps, stride 5) |")
     print("| --- | --- | --- | --- |")
     for name in PRESETS:
         with tempfile.TemporaryDirectory() as out:
             result = collect(
-                _options(Path(out), url, args, tasks="0", trials=1, latents=name), progress=False
+                _options(
+                    Path(out),
+                    url,
+                    args,
+                    tasks="0",
+                    trials=1,
+                    latents=name,
+                    max_steps=args.short_steps,
+                ),
+                progress=False,
             )
             row = result.tasks[0]
-            samples = -(-args.max_steps // args.stride)
+            samples = -(-args.short_steps // args.stride)
             per_sample = row.size_bytes / samples
             per_task = per_sample * 50 * (280 // 5)
             print(f"| {name} | {samples} | {per_sample / 1e3:.1f} | {per_task / 1e6:.1f} |")
