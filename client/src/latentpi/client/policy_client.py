@@ -55,7 +55,7 @@ class ServerChanged(RuntimeError):
 @dataclass(frozen=True)
 class Backoff:
     """Connection retries: delays first_s, first_s * factor, ... capped at max_delay_s; at most
-    `attempts` tries and `max_total_s` seconds of waiting in all."""
+    `attempts` tries, and no try begins after `max_total_s` seconds (wall clock, tries included)."""
 
     attempts: int = 8
     first_s: float = 0.5
@@ -161,10 +161,10 @@ class LatentpiPolicyClient:
 
     def _connect(self) -> None:
         """Connect (with backoff) and read the metadata frame."""
-        waited, last_error = 0.0, None
+        start, tries, last_error = time.monotonic(), 0, None
         for attempt in range(self._backoff.attempts):
             delay = self._backoff.delay(attempt)
-            if waited + delay > self._backoff.max_total_s:
+            if time.monotonic() - start + delay > self._backoff.max_total_s:
                 break
             if delay:
                 logger.warning(
@@ -176,7 +176,7 @@ class LatentpiPolicyClient:
                     last_error,
                 )
                 time.sleep(delay)
-                waited += delay
+            tries += 1
             try:
                 self._open()
             except (OSError, TimeoutError, ConnectionClosed, InvalidStatusRetry) as error:
@@ -187,8 +187,8 @@ class LatentpiPolicyClient:
                 logger.warning("reconnected to %s", self.url)
             return
         raise ServerUnavailable(
-            f"no connection to {self.url} after {attempt + 1} attempts "
-            f"({waited:.1f} s of backoff): {last_error}"
+            f"no connection to {self.url} after {tries} attempts in "
+            f"{time.monotonic() - start:.1f} s: {last_error}"
         )
 
     def _open(self) -> None:

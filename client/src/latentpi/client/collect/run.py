@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from latentpi.client.collect.events import Event
 from latentpi.client.collect.options import CollectOptions, check_options, check_trials, task_range
@@ -86,7 +87,7 @@ def _server_url(options: CollectOptions) -> Iterator[str]:
 
 
 def _header(
-    task: TaskInfo, spec: LatentSpec, metadata: dict, options: CollectOptions
+    task: TaskInfo, spec: LatentSpec, metadata: Mapping[str, Any], options: CollectOptions
 ) -> TaskHeader:
     config = metadata.get("config", {})
     return TaskHeader(
