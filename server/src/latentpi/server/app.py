@@ -82,7 +82,7 @@ class PolicyServer:
 
     async def _load(self) -> None:
         try:
-            engine = await asyncio.to_thread(self._engine_factory)
+            engine = await _in_daemon_thread(self._engine_factory)
         except Exception as error:
             self._load_error = error
             logger.exception("loading the model failed")
@@ -104,6 +104,10 @@ class PolicyServer:
     @property
     def ready(self) -> bool:
         return self._loaded.is_set() and self._load_error is None
+
+    @property
+    def load_error(self) -> BaseException | None:
+        return self._load_error
 
     # -- HTTP -----------------------------------------------------------------------------------
     async def healthz(self, _: Request) -> Response:
@@ -203,6 +207,33 @@ class PolicyServer:
 
     async def _send_error(self, websocket: WebSocket, kind: str, text: str) -> None:
         await websocket.send_text(self._error(kind, text))
+
+
+async def _in_daemon_thread(function: Callable[[], Any]) -> Any:
+    """`function()` on a daemon thread: unlike `asyncio.to_thread`, a process told to stop while a
+    model loads (minutes for a full checkpoint) exits without waiting for the load to finish."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # cancelled: the server is stopping
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def target() -> None:
+        result, error = None, None
+        try:
+            result = function()
+        except BaseException as raised:
+            error = raised
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name="latentpi-load", daemon=True).start()
+    return await future
 
 
 async def _offload(size: int, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
-from latentpi.server.app import PolicyEngine, build_app
+from latentpi.server.app import PolicyEngine, PolicyServer, build_app
 from latentpi.server.settings import ServerSettings
 
 
@@ -38,6 +38,7 @@ class RunningServer:
     port: int
     server: uvicorn.Server = field(repr=False)
     thread: threading.Thread = field(repr=False)
+    policy_server: PolicyServer = field(repr=False)
 
     @property
     def url(self) -> str:
@@ -48,11 +49,14 @@ class RunningServer:
         return f"http://{self.host}:{self.port}"
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        """Block until /healthz answers 200 (model loaded and compiled)."""
+        """Block until /healthz answers 200 (model loaded and compiled); RuntimeError at once if
+        the model failed to load or the server stopped."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.thread.is_alive():
                 raise RuntimeError("the embedded server stopped while starting")
+            if self.policy_server.load_error is not None:
+                raise RuntimeError(f"model failed to load: {self.policy_server.load_error!r}")
             try:
                 with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=2) as reply:
                     if reply.status == 200:
@@ -86,12 +90,13 @@ def start_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn_config(build_app(engine_factory, settings), settings))
+    app = build_app(engine_factory, settings)
+    server = uvicorn.Server(uvicorn_config(app, settings))
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name=f"latentpi-server-{port}", daemon=True
     )
     thread.start()
-    running = RunningServer(host=host, port=port, server=server, thread=thread)
+    running = RunningServer(host, port, server, thread, app.state.policy_server)
     if wait:
         running.wait_ready(timeout_s)
     return running
