@@ -10,7 +10,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from latentpi.server.embedded import RunningServer
+
+logger = logging.getLogger("latentpi.server.serve")
 CONFIG_NAMES = ("pi0_libero", "pi05_libero", "pi0_tiny", "pi05_tiny")
 
 
@@ -75,19 +80,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"latentpi serve: --{str(error).replace('_', '-')}", file=sys.stderr)
         return 2
     config = serving_config(args.config).with_checkpoint(args.checkpoint)
-    running = start_server(lambda: build_engine(config, settings), settings, wait=False)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    logger.info("loading %s (%s)", config.name, config.checkpoint or "random weights")
+    running = start_server(lambda: build_engine(config, settings), settings, wait=False)
     if args.parent_pid:
         threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True).start()
     try:
-        running.wait_ready(timeout_s=3600)
-    except (RuntimeError, TimeoutError) as error:
-        logging.error("server did not start: %s", error)
+        ready = _wait_ready(running, stop)
+    except RuntimeError as error:
+        logger.error("server did not start: %s", error)
         running.stop()
         return 1
-    logging.info(
+    if not ready:
+        logger.info("stopped while loading the model")
+        logging.shutdown()
+        # The load thread may be inside XLA: tearing the interpreter down under it can abort, and
+        # waiting for it can take minutes. Nothing is served yet, so nothing is lost.
+        os._exit(0)
+    logger.info(
         "serving %s at %s (api key %s)", config.name, running.url, "required" if api_key else "off"
     )
     if args.ready_file:
@@ -99,11 +111,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait_ready(running: RunningServer, stop: threading.Event) -> bool:
+    """True once the model is served, False when told to stop first; RuntimeError if loading
+    failed or the server died."""
+    while not stop.is_set():
+        try:
+            running.wait_ready(timeout_s=0.5)
+        except TimeoutError:
+            continue
+        return True
+    return False
+
+
 def _watch_parent(pid: int, stop: threading.Event) -> None:
+    """Set `stop` once process `pid` is gone. For our own parent, reparenting tells (a dead but
+    unreaped parent still answers kill 0); for any other process, kill 0 failing does."""
+    is_parent = os.getppid() == pid
     while not stop.wait(1.0):
-        if os.getppid() != pid:
-            logging.warning("parent process %d is gone: stopping", pid)
+        if (os.getppid() != pid) if is_parent else not _alive(pid):
+            logger.warning("parent process %d is gone: stopping", pid)
             stop.set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _write_ready_file(path: Path, url: str, port: int) -> None:
