@@ -110,6 +110,8 @@ def test_failed_load_is_503_and_refuses_connections() -> None:
     try:
         wait_for_http(server)
         assert poll(lambda: http_get(server, "/healthz")[2] != "loading")
+        with pytest.raises(RuntimeError, match="model failed to load: FileNotFoundError"):
+            server.wait_ready(5)
         status, _, body = http_get(server, "/healthz")
         assert status == 503 and "model failed to load" in body and "/nowhere" in body
         with pytest.raises(InvalidStatus) as refused:

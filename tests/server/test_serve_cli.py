@@ -157,6 +157,19 @@ def test_sigterm_while_loading_exits_promptly(
     assert not ready_file.exists()
 
 
+def test_a_model_that_fails_to_load_exits_1(tmp_path: Path) -> None:
+    ready_file = tmp_path / "ready.json"
+    missing = tmp_path / "no-checkpoint"
+    result = subprocess.run(
+        serve_command(ready_file, "--checkpoint", str(missing)),
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert b"model failed to load" in result.stderr and str(missing).encode() in result.stderr
+    assert not ready_file.exists()
+
+
 # -- arguments (in-process) ---------------------------------------------------------------------
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
