@@ -36,6 +36,7 @@ from latentpi.client.storage.sources import own_groups, sources
 from latentpi.protocol.errors import ValidationError
 
 COMPRESSIONS = ("lzf", "gzip", "none")
+BLOCK_BYTES = 4 << 20  # samples gathered per dataset write (bounds the memory an episode holds)
 
 
 class TaskWriter:
@@ -190,33 +191,66 @@ class EpisodeWriter:
         self._file.attrs.update(task._root_attrs())
         self._group = self._file.create_group(group_name(episode_idx))
         self._group.attrs.update(attrs)
-        self._count = 0
+        self._count = 0  # samples added
+        self._written = 0  # samples in the datasets; the rest wait in the blocks
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._blocks: dict[str, np.ndarray] = {}
+        self._rows = 1  # samples per block
 
     def add(self, sample: Sample) -> None:
+        """Append a sample. Small samples are gathered into blocks of up to BLOCK_BYTES and written
+        one block per dataset call (h5py's per-call cost dominates small writes); a sample of
+        BLOCK_BYTES or more is written at once. Nothing is visible before `finish` either way."""
         arrays = _sample_arrays(sample)
+        stored = {name: encode(np.asarray(array))[0] for name, (array, _) in arrays.items()}
         if self._count == 0:
-            for name, (array, attrs) in arrays.items():
-                self._create(name, array, attrs)
-        expected = self._names()
-        if set(arrays) != expected:
+            self._start(arrays, stored)
+        if set(arrays) != set(self._datasets):
             raise ValidationError(
-                "sample arrays", f"the names of the first sample {sorted(expected)}", sorted(arrays)
+                "sample arrays",
+                f"the names of the first sample {sorted(self._datasets)}",
+                sorted(arrays),
             )
-        for name, (array, _) in arrays.items():
-            dataset = self._group[name]
-            stored, _ = encode(np.asarray(array))
-            if stored.shape != dataset.shape[1:] or stored.dtype != dataset.dtype:
+        for name, array in stored.items():
+            block = self._blocks[name]
+            if array.shape != block.shape[1:] or array.dtype != block.dtype:
                 raise ValidationError(
-                    name, f"dtype {dataset.dtype} shape {dataset.shape[1:]}", array
+                    name, f"dtype {block.dtype} shape {block.shape[1:]}", arrays[name][0]
                 )
-            dataset.resize(self._count + 1, axis=0)
-            dataset[self._count] = stored
+        row = self._count - self._written
+        for name, array in stored.items():
+            self._blocks[name][row] = array
         self._count += 1
+        if row + 1 == self._rows:
+            self._flush()
+
+    def _start(
+        self,
+        arrays: dict[str, tuple[np.ndarray, dict[str, Any]]],
+        stored: dict[str, np.ndarray],
+    ) -> None:
+        """Create the datasets and the write blocks from the first sample."""
+        for name, (array, attrs) in arrays.items():
+            self._create(name, array, attrs)
+        self._rows = max(1, BLOCK_BYTES // max(sum(a.nbytes for a in stored.values()), 1))
+        self._blocks = {
+            name: np.empty((self._rows, *a.shape), a.dtype) for name, a in stored.items()
+        }
+
+    def _flush(self) -> None:
+        rows = self._count - self._written
+        if rows == 0:
+            return
+        for name, dataset in self._datasets.items():
+            dataset.resize(self._count, axis=0)
+            dataset[self._written : self._count] = self._blocks[name][:rows]
+        self._written = self._count
 
     def finish(self, result: EpisodeResult) -> None:
         """Write the outcome, close and publish; from here the episode survives any crash."""
         if self._file is None:
             raise RuntimeError(f"{self.final.name}: episode already finished or aborted")
+        self._flush()
         self._group.attrs.update(
             {
                 "success": bool(result.success),
@@ -263,13 +297,7 @@ class EpisodeWriter:
             shuffle=compression is not None,
         )
         dataset.attrs.update({**dtype_attrs, **attrs})
-
-    def _names(self) -> set[str]:
-        names: set[str] = set()
-        self._group.visititems(
-            lambda name, obj: names.add(name) if isinstance(obj, h5py.Dataset) else None
-        )
-        return names
+        self._datasets[name] = dataset
 
 
 def _sample_arrays(sample: Sample) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
