@@ -66,6 +66,9 @@ class PolicyServer:
         self._load_error: BaseException | None = None
         self._batcher: DynamicBatcher[Prepared, dict[str, Any]] | None = None
         self._stopping = threading.Event()
+        # Event-loop-only counters telling the batcher whether another request may still come.
+        self._idle_connections = 0  # open connections with no request in the server
+        self._preparing = 0  # requests received, not yet handed to the batcher
 
     # -- lifecycle ------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -96,10 +99,16 @@ class PolicyServer:
             window_s=self.settings.batch_window_ms / 1000,
             max_queue=self.settings.max_queue,
             metrics=self.metrics,
+            more_may_come=self._more_may_come,
         )
         self._batcher.start()
         self._loaded.set()
         logger.info("model ready")
+
+    def _more_may_come(self) -> bool:
+        """False when every open connection already has its request queued or running: the batch
+        window would wait for nobody (a lone client never pays it)."""
+        return self._idle_connections > 0 or self._preparing > 0
 
     @property
     def ready(self) -> bool:
@@ -150,27 +159,44 @@ class PolicyServer:
     async def _serve_connection(self, websocket: WebSocket) -> None:
         prev_total_ms: float | None = None
         packer = FramePacker()  # reused buffer: one copy per response array, no allocation
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            start = time.monotonic()
-            frame = message.get("bytes")
-            if frame is None:
-                await self._send_error(
-                    websocket,
-                    "bad_frame",
-                    "frame: expected a binary msgpack frame, received a text frame",
-                )
-                continue
+        idle = True
+        self._idle_connections += 1
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                idle = False
+                self._idle_connections -= 1
+                start = time.monotonic()
+                await self._reply(websocket, message.get("bytes"), prev_total_ms, packer)
+                prev_total_ms = (time.monotonic() - start) * 1000
+                idle = True
+                self._idle_connections += 1
+        finally:
+            if idle:
+                self._idle_connections -= 1
+
+    async def _reply(
+        self,
+        websocket: WebSocket,
+        frame: bytes | None,
+        prev_total_ms: float | None,
+        packer: FramePacker,
+    ) -> None:
+        start = time.monotonic()
+        if frame is None:
+            reply: memoryview | str = self._error(
+                "bad_frame", "frame: expected a binary msgpack frame, received a text frame"
+            )
+        else:
             reply = await self._answer(frame, prev_total_ms, packer)
-            if isinstance(reply, str):
-                await websocket.send_text(reply)
-            else:
-                await websocket.send_bytes(reply)
-                self.metrics.response_bytes.inc(len(reply))
-            prev_total_ms = (time.monotonic() - start) * 1000
-            self.metrics.latency.observe(prev_total_ms / 1000)
+        if isinstance(reply, str):
+            await websocket.send_text(reply)
+        else:
+            await websocket.send_bytes(reply)
+            self.metrics.response_bytes.inc(len(reply))
+        self.metrics.latency.observe(time.monotonic() - start)
 
     async def _answer(
         self, frame: bytes, prev_total_ms: float | None, packer: FramePacker
@@ -179,9 +205,7 @@ class PolicyServer:
         assert self._engine is not None and self._batcher is not None
         start = time.monotonic()
         try:
-            wire = await _offload(len(frame), unpackb, frame, limits=self.limits)
-            request = PolicyRequest.from_wire(wire)
-            prepared = await asyncio.to_thread(self._engine.prepare, request)
+            request, prepared = await self._prepare(frame)
             response = await self._batcher.submit(prepared)
         except ProtocolError as error:
             return self._error("bad_frame", f"bad frame: {error}")
@@ -201,12 +225,19 @@ class PolicyServer:
         self.metrics.latent_bytes.inc(_latent_bytes(response))
         return await _offload(_latent_bytes(response), packer.pack, response)
 
+    async def _prepare(self, frame: bytes) -> tuple[PolicyRequest, Prepared]:
+        assert self._engine is not None
+        self._preparing += 1
+        try:
+            wire = await _offload(len(frame), unpackb, frame, limits=self.limits)
+            request = PolicyRequest.from_wire(wire)
+            return request, await asyncio.to_thread(self._engine.prepare, request)
+        finally:
+            self._preparing -= 1
+
     def _error(self, kind: str, text: str) -> str:
         self.metrics.errors.labels(kind).inc()
         return text
-
-    async def _send_error(self, websocket: WebSocket, kind: str, text: str) -> None:
-        await websocket.send_text(self._error(kind, text))
 
 
 async def _in_daemon_thread(function: Callable[[], Any]) -> Any:

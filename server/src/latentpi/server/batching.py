@@ -2,7 +2,9 @@
 model call, grouped by what they capture (one compiled function per group).
 
 The model runs on one worker thread (one device); while it runs, new requests queue up and the next
-gather takes them at once, so under load batches fill without waiting out the window.
+gather takes them at once, so under load batches fill without waiting out the window. The window is
+also skipped when `more_may_come()` says no other request can arrive (the app: every open connection
+already has its request in), so a lone client never waits for company.
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         window_s: float,
         max_queue: int,
         metrics: ServerMetrics,
+        more_may_come: Callable[[], bool] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._max_batch = max_batch
         self._window_s = window_s
         self._max_queue = max_queue
         self._metrics = metrics
+        self._more_may_come = more_may_come or (lambda: True)
         self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentpi-model")
         self._task: asyncio.Task[None] | None = None
@@ -105,6 +109,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if not self._queue.empty():
                 gathered.append(self._queue.get_nowait())
                 continue
+            if not self._more_may_come():
+                break
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 break
