@@ -151,9 +151,8 @@ def test_metrics_follow_the_traffic(pi0_engine: PolicyEngine) -> None:
         assert value(after, "latentpi_errors_total", kind="unauthorized") == 1
         assert value(after, "latentpi_latent_bytes_total") == latent_bytes > 0
         assert value(after, "latentpi_response_bytes_total") == len(plain) + len(latent)
-        # Binary frames get a latency (errors too; text frames are refused before timing); only
-        # the served requests reach the model.
-        assert value(after, "latentpi_request_latency_seconds_count") == 3
+        # Every answered frame has a latency, errors too; only served requests reach the model.
+        assert value(after, "latentpi_request_latency_seconds_count") == 4
         assert value(after, "latentpi_request_latency_seconds_sum") > 0
         assert value(after, "latentpi_batch_infer_seconds_count") == 2
         assert value(after, "latentpi_batch_size_count") == 2

@@ -9,6 +9,7 @@ batched rows are compared to the same request served alone with exact equality.
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -134,6 +135,25 @@ def test_batch_size_histogram_shows_batches_over_one(batching_server: RunningSer
     calls, rows, singles = batch_sizes(batching_server)
     assert calls > singles  # some model call served more than one request
     assert rows > calls
+
+
+def test_a_lone_client_does_not_wait_out_the_window(batching_server: RunningServer) -> None:
+    """The window waits only while another open connection could still send: alone, a request
+    goes straight to the model; with an idle second connection open, it waits the window."""
+    policy = WebsocketClientPolicy(batching_server.url)
+    request = observation(5, noise_seed=1)
+    policy.infer(request)
+    started = time.monotonic()
+    policy.infer(request)
+    alone_s = time.monotonic() - started
+    idle = WebsocketClientPolicy(batching_server.url)
+    started = time.monotonic()
+    policy.infer(request)
+    with_idle_s = time.monotonic() - started
+    for client in (policy, idle):
+        client._ws.close()
+    assert alone_s < WINDOW_MS / 1000 / 2
+    assert with_idle_s >= WINDOW_MS / 1000
 
 
 # -- noise_seed ---------------------------------------------------------------------------------

@@ -81,6 +81,26 @@ def test_a_lone_request_waits_only_for_the_window() -> None:
     assert asyncio.run(main()) < 2.0
 
 
+def test_no_window_when_no_other_request_may_come() -> None:
+    async def main() -> float:
+        queue = DynamicBatcher(
+            Recorder(),
+            max_batch=4,
+            window_s=5.0,
+            max_queue=64,
+            metrics=ServerMetrics(),
+            more_may_come=lambda: False,
+        )
+        queue.start()
+        started = time.monotonic()
+        assert await queue.submit(Item("a", 1)) == 10
+        elapsed = time.monotonic() - started
+        await queue.stop()
+        return elapsed
+
+    assert asyncio.run(main()) < 1.0
+
+
 def test_requests_queue_up_while_the_model_runs_and_are_refused_when_full() -> None:
     async def main() -> tuple[list[int | BaseException], Recorder]:
         gate = threading.Event()
