@@ -187,7 +187,8 @@ class EpisodeWriter:
         self._task = task
         self.final = task.dir / f"{group_name(episode_idx)}.h5"
         self.tmp = _tmp(self.final)
-        self._file: h5py.File | None = h5py.File(self.tmp, "w")
+        # no chunk cache: every write covers whole chunks, so caching them only adds a copy
+        self._file: h5py.File | None = h5py.File(self.tmp, "w", rdcc_nbytes=0)
         self._file.attrs.update(task._root_attrs())
         self._group = self._file.create_group(group_name(episode_idx))
         self._group.attrs.update(attrs)
