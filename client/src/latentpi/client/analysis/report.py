@@ -23,6 +23,8 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from tqdm import tqdm
 
 from latentpi.client.analysis import api, cohort, metrics, probes
 from latentpi.protocol.errors import ValidationError
@@ -70,8 +72,16 @@ def find_task_files(root: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("task_*.h5") if not p.parent.name.endswith(".h5.d"))
 
 
-def build_report(root: str | Path, out: str | Path, config: ReportConfig | None = None) -> Path:
-    """Analyse every task file under `root`; write `out/index.html` and `out/summary.json`."""
+def build_report(
+    root: str | Path,
+    out: str | Path,
+    config: ReportConfig | None = None,
+    *,
+    progress: bool | None = None,
+) -> Path:
+    """Analyse every task file under `root`; write `out/index.html` and `out/summary.json`.
+
+    progress: a progress bar on stderr (None: only when stderr is a terminal)."""
     config = config or ReportConfig()
     paths = find_task_files(root)
     if not paths:
@@ -81,26 +91,39 @@ def build_report(root: str | Path, out: str | Path, config: ReportConfig | None 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     datas = [api.load_inference_task_data(path) for path in paths]
+    bar = tqdm(
+        total=len(datas) * len(_PER_TASK) + 1,
+        desc="analyze",
+        unit="section",
+        disable=_quiet(progress),
+    )
     try:
         sections = [_overview(datas)]
         for data in datas:
             if not data.episodes:
                 sections.append(Section(_label(data)))
                 sections[-1].note("no recorded episode yet")
+                bar.update(len(_PER_TASK))
                 continue
-            sections += [
-                _guarded(f"{_label(data)}: {title}", fn, data, config) for title, fn in _PER_TASK
-            ]
+            for title, fn in _PER_TASK:
+                sections.append(_guarded(f"{_label(data)}: {title}", fn, data, config))
+                bar.update()
         sections.append(
             _guarded("Does it predict success? Where is the task?", _probes, datas, config)
         )
+        bar.update()
     finally:
+        bar.close()
         for data in datas:
             data.close()
     (out / "index.html").write_text(_page(sections))
     summary = {s.title: s.numbers for s in sections}
     (out / "summary.json").write_text(json.dumps(_plain(summary), indent=1, allow_nan=False))
     return out / "index.html"
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # tqdm: None = off unless a terminal
 
 
 def _guarded(title: str, fn: Callable[..., Section], subject: Any, config: ReportConfig) -> Section:
@@ -331,6 +354,19 @@ def _plot_scores(
     )
     ax.plot(layers, [r.shuffled_mean for r in results], color=color, linestyle="--", alpha=0.6)
     ax.axhline(results[0].chance, color="grey", linestyle=":")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(min(layers) - 0.5, max(layers) + 0.5)
+    if np.all(np.isnan(score)) and not ax.texts:  # one note per axes, however many series
+        note = next((r.note for r in results if r.note), "too little data")
+        ax.text(
+            0.5,
+            0.5,
+            f"undefined: {note}",
+            ha="center",
+            va="center",
+            wrap=True,
+            transform=ax.transAxes,
+        )
 
 
 _PER_TASK: tuple[tuple[str, Callable[[api.TaskData, ReportConfig], Section]], ...] = (
