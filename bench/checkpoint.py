@@ -6,7 +6,7 @@ copy of the bfloat16 result (half the stored bytes), not the float32 tree plus i
 decode buffers in flight stay small next to the result. Each variant runs in a fresh process (peak RSS is per
 process, read from /proc/self/status after resetting it), on a synthetic checkpoint shaped like a few stacked Gemma layers.
 
-    .venv/bin/python bench/bench_checkpoint_memory.py [--mib 512] [--repeats 3]
+    .venv/bin/python bench/checkpoint.py [--mib 512] [--repeats 3]
 """
 
 from __future__ import annotations
