@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="speed runs per variant (median)")
     parser.add_argument("--rss-episodes", type=int, default=10)
     parser.add_argument("--short-steps", type=int, default=10, help="max steps for 2. and 3.")
-    parser.add_argument("--write-samples", type=int, default=50)
+    parser.add_argument("--write-mb", type=float, default=100.0, help="episode size for 4.")
     parser.add_argument("--skip", nargs="*", default=(), choices=("speed", "rss", "bytes", "write"))
     parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -238,6 +238,9 @@ def _bytes(args: argparse.Namespace, url: str) -> None:
 
 # -- 4. write throughput ------------------------------------------------------------------------
 def _write(args: argparse.Namespace, url: str) -> None:
+    """Real responses (pi0_tiny; the synthetic full-size shape of the `default` preset too), written
+    as one episode of ~--write-mb MB through the episode writer (incl. its publish: fsync, rename,
+    index) and as raw bytes to a plain file (one fsync). Medians over --repeats."""
     from latentpi.client.policy_client import LatentpiPolicyClient
 
     task = list_tasks(SUITE)[0]
@@ -246,27 +249,54 @@ def _write(args: argparse.Namespace, url: str) -> None:
         request = LiberoObservation(
             np.zeros((224, 224, 3), np.uint8), np.zeros((224, 224, 3), np.uint8), np.zeros(8)
         ).to_request(task.instruction)
-        rows = []
+        samples = {}
         for preset in ("default", "full"):
             wire = client.infer(request | {"collect_latents": True, "latent_spec": preset})
             response = PolicyResponse.from_wire(wire)
-            sample = Sample(
+            samples[f"{preset} (pi0_tiny)"] = Sample(
                 0, response.actions, np.zeros(8), response.latents, response.latent_layout
             )
-            nbytes = sum(np.asarray(a).nbytes for a in response.latents.values())
-            for compression in ("none", "lzf"):
-                h5 = _h5_write(task, metadata, sample, args.write_samples, compression)
-                raw = _raw_write(sample, args.write_samples)
-                rows.append((preset, compression, nbytes, h5, raw))
-    print(f"\n## HDF5 write throughput ({args.write_samples} samples, fsync once)\n")
-    print("| preset | compression | KB / sample | episode writer MB/s | raw write MB/s | x raw |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for preset, compression, nbytes, h5, raw in rows:
-        total = nbytes * args.write_samples / 1e6
-        print(
-            f"| {preset} | {compression} | {nbytes / 1e3:.1f} | {total / h5:.0f} | "
-            f"{total / raw:.0f} | {raw / h5:.2f} |"
-        )
+    samples["default (pi0 full size)"] = _full_size_default()
+    print(f"\n## HDF5 write throughput (one episode of ~{args.write_mb} MB, fsync once)\n")
+    print(
+        "| sample | compression | KB / sample | samples | episode writer MB/s | raw MB/s | x raw |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, sample in samples.items():
+        nbytes = sum(a.nbytes for a in _sample_bytes(sample))
+        count = max(2, min(5000, int(args.write_mb * 1e6 // nbytes)))
+        for compression in ("none", "lzf"):
+            h5 = statistics.median(
+                _h5_write(task, metadata, sample, count, compression) for _ in range(args.repeats)
+            )
+            raw = statistics.median(_raw_write(sample, count) for _ in range(args.repeats))
+            total = nbytes * count / 1e6
+            print(
+                f"| {name} | {compression} | {nbytes / 1e3:.1f} | {count} | {total / h5:.0f} | "
+                f"{total / raw:.0f} | {raw / h5:.2f} |"
+            )
+
+
+def _full_size_default() -> Sample:
+    """The `default` preset's arrays for full-size pi0 (docs/data-format.md: 5.7 MB per sample)."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+
+    def bf16(*shape: int) -> np.ndarray:
+        return rng.normal(size=shape).astype(np.float32).astype(ml_dtypes.bfloat16)
+
+    latents = {
+        "expert_1_hidden_states": bf16(1, 19, 51, 1024),
+        "text_only_hidden_states": bf16(19, 48, 2048),
+        "prompt_mask": np.arange(48) < 12,
+    }
+    return Sample(0, np.zeros((50, 7), np.float32), np.zeros(8), latents, {})
+
+
+def _sample_bytes(sample: Sample) -> list[np.ndarray]:
+    arrays = [np.asarray(sample.timestep, np.int32), sample.actions, sample.state]
+    return [np.ascontiguousarray(a) for a in [*arrays, *sample.latents.values()]]
 
 
 def _h5_write(task: Any, metadata: dict, sample: Sample, count: int, compression: str) -> float:
@@ -287,7 +317,7 @@ def _h5_write(task: Any, metadata: dict, sample: Sample, count: int, compression
 
 
 def _raw_write(sample: Sample, count: int) -> float:
-    arrays = [np.ascontiguousarray(a) for a in sample.latents.values()]
+    arrays = _sample_bytes(sample)
     with tempfile.TemporaryDirectory() as out:
         path = Path(out) / "raw.bin"
         start = time.monotonic()

@@ -203,9 +203,9 @@ class EpisodeWriter:
         one block per dataset call (h5py's per-call cost dominates small writes); a sample of
         BLOCK_BYTES or more is written at once. Nothing is visible before `finish` either way."""
         arrays = _sample_arrays(sample)
-        stored = {name: encode(np.asarray(array))[0] for name, (array, _) in arrays.items()}
+        stored = {name: encode(np.asarray(array))[0] for name, array in arrays.items()}
         if self._count == 0:
-            self._start(arrays, stored)
+            self._start(arrays, stored, _dataset_attrs(sample))
         if set(arrays) != set(self._datasets):
             raise ValidationError(
                 "sample arrays",
@@ -216,7 +216,7 @@ class EpisodeWriter:
             block = self._blocks[name]
             if array.shape != block.shape[1:] or array.dtype != block.dtype:
                 raise ValidationError(
-                    name, f"dtype {block.dtype} shape {block.shape[1:]}", arrays[name][0]
+                    name, f"dtype {block.dtype} shape {block.shape[1:]}", arrays[name]
                 )
         row = self._count - self._written
         for name, array in stored.items():
@@ -227,12 +227,13 @@ class EpisodeWriter:
 
     def _start(
         self,
-        arrays: dict[str, tuple[np.ndarray, dict[str, Any]]],
+        arrays: dict[str, np.ndarray],
         stored: dict[str, np.ndarray],
+        attrs: dict[str, dict[str, Any]],
     ) -> None:
         """Create the datasets and the write blocks from the first sample."""
-        for name, (array, attrs) in arrays.items():
-            self._create(name, array, attrs)
+        for name, array in arrays.items():
+            self._create(name, array, attrs[name])
         self._rows = max(1, BLOCK_BYTES // max(sum(a.nbytes for a in stored.values()), 1))
         self._blocks = {
             name: np.empty((self._rows, *a.shape), a.dtype) for name, a in stored.items()
@@ -301,26 +302,40 @@ class EpisodeWriter:
         self._datasets[name] = dataset
 
 
-def _sample_arrays(sample: Sample) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
-    """Every array of a sample by dataset name, with the attributes its dataset gets."""
-    arrays: dict[str, tuple[np.ndarray, dict[str, Any]]] = {
-        "timesteps": (np.asarray(sample.timestep, dtype=np.int32), _axes()),
-        "actions": (np.asarray(sample.actions), _axes("horizon", "action")),
-        "states": (np.asarray(sample.state), _axes("state")),
+def _sample_arrays(sample: Sample) -> dict[str, np.ndarray]:
+    """Every array of a sample by dataset name."""
+    arrays: dict[str, np.ndarray] = {
+        "timesteps": np.asarray(sample.timestep, dtype=np.int32),
+        "actions": np.asarray(sample.actions),
+        "states": np.asarray(sample.state),
     }
     for name, array in sample.latents.items():
         if name in arrays or "/" in name:
             raise ValidationError(
                 "latent name", "a name other than timesteps/actions/states, without '/'", name
             )
+        arrays[name] = array
+    for name, image in sample.images.items():
+        arrays[f"images/{name}"] = image
+    return arrays
+
+
+def _dataset_attrs(sample: Sample) -> dict[str, dict[str, Any]]:
+    """The attributes each dataset gets (from the first sample: axes, the latents' layouts)."""
+    attrs: dict[str, dict[str, Any]] = {
+        "timesteps": _axes(),
+        "actions": _axes("horizon", "action"),
+        "states": _axes("state"),
+    }
+    for name, array in sample.latents.items():
         layout = sample.layouts.get(name)
         if layout is None:
-            arrays[name] = (array, _axes(*(f"axis_{i}" for i in range(array.ndim))))
+            attrs[name] = _axes(*(f"axis_{i}" for i in range(np.ndim(array))))
         else:
-            arrays[name] = (array, {**_axes(*layout.axes), LAYOUT_ATTR: to_json(layout.to_wire())})
-    for name, image in sample.images.items():
-        arrays[f"images/{name}"] = (image, _axes("height", "width", "channel"))
-    return arrays
+            attrs[name] = {**_axes(*layout.axes), LAYOUT_ATTR: to_json(layout.to_wire())}
+    for name in sample.images:
+        attrs[f"images/{name}"] = _axes("height", "width", "channel")
+    return attrs
 
 
 def _axes(*names: str) -> dict[str, Any]:
