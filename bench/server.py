@@ -198,8 +198,8 @@ def response_frame(engine: ReplayEngine) -> bytes:
 
 
 def transport_rows(repeats: int) -> tuple[list[tuple[str, float]], int]:
-    """Every path's round trips interleaved (one of each per repeat), so that load from other
-    processes on this shared machine hits all rows alike."""
+    """Every path's round trips interleaved (one of each per repeat, in shuffled order), so that
+    load from other processes on this shared machine hits all rows alike."""
     request = observation(collect_latents=True)
     request_frame = packb(request)
     reply = response_frame(ReplayEngine(pi0_metadata()))
@@ -249,8 +249,10 @@ def interleaved_medians(
     paths: Sequence[tuple[str, Callable[[], object]]], repeats: int
 ) -> list[tuple[str, float]]:
     times: dict[str, list[float]] = {name: [] for name, _ in paths}
+    order = np.random.default_rng(0)
     for repeat in range(repeats + 1):
-        for name, function in paths:
+        for index in order.permutation(len(paths)):  # no path always follows the same one
+            name, function = paths[index]
             start = time.perf_counter()
             function()
             if repeat:  # the first round warms up
