@@ -5,13 +5,21 @@ handshake (401)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import API_KEY, SMALL_FRAME_BYTES, STOCK_CLIENT_WARNING, CodecClient, observation
+from loopback import (
+    API_KEY,
+    SMALL_FRAME_BYTES,
+    STOCK_CLIENT_WARNING,
+    Clients,
+    observation,
+    serving,
+    tiny_engine,
+)
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -23,6 +31,33 @@ from latentpi.server.engine import PolicyEngine, PreparedRequest
 from latentpi.server.settings import ServerSettings
 
 pytestmark = pytest.mark.filterwarnings(STOCK_CLIENT_WARNING)
+
+
+@pytest.fixture(scope="module")
+def pi0_engine() -> PolicyEngine:
+    return tiny_engine("pi0_tiny")
+
+
+@pytest.fixture(scope="module")
+def pi0_server() -> Iterator[RunningServer]:
+    with serving(tiny_engine("pi0_tiny")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def guarded_server() -> Iterator[RunningServer]:
+    """pi0_tiny behind an API key and a 64 KiB frame limit."""
+    with serving(
+        tiny_engine("pi0_tiny"), api_key=API_KEY, max_frame_bytes=SMALL_FRAME_BYTES
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    with Clients() as opened:
+        yield opened
+
 
 TRACEBACK_MARKERS = ("Traceback", 'File "', '.py", line')
 
@@ -146,9 +181,9 @@ def assert_clean_error(text: str, fragments: Sequence[str]) -> None:
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=lambda case: case.name)
 def test_bad_request_is_named_and_connection_survives(
-    case: BadRequest, pi0_server: RunningServer, stock_client: Callable[..., Any]
+    case: BadRequest, pi0_server: RunningServer, clients: Clients
 ) -> None:
-    policy = stock_client(pi0_server)
+    policy = clients.stock(pi0_server)
     with pytest.raises(RuntimeError, match="bad request: ") as error:
         policy.infer(bad_observation(case))
     assert_clean_error(str(error.value), case.message)
@@ -156,7 +191,7 @@ def test_bad_request_is_named_and_connection_survives(
 
 
 def test_prompt_at_the_token_limit_is_accepted(
-    pi0_engine: PolicyEngine, pi0_server: RunningServer, stock_client: Callable[..., Any]
+    pi0_engine: PolicyEngine, pi0_server: RunningServer, clients: Clients
 ) -> None:
     """The tokenizer refuses overflow instead of truncating (reject_overflow); a prompt that just
     fits is served."""
@@ -175,7 +210,7 @@ def test_prompt_at_the_token_limit_is_accepted(
         words.append("bowl")
     longest = " ".join(words)
     assert tokenizer.tokenize(longest)[1].sum() >= tokenizer.max_len - 2  # at the limit
-    policy = stock_client(pi0_server)
+    policy = clients.stock(pi0_server)
     assert policy.infer(observation(0, prompt=longest))["actions"].shape == (50, 7)
     with pytest.raises(RuntimeError, match="prompt: expected at most 48 tokens"):
         policy.infer(observation(0, prompt=longest + " bowl"))
@@ -195,9 +230,9 @@ def test_bad_frame_is_named_and_connection_survives(
     frame: bytes | str,
     message: Sequence[str],
     pi0_server: RunningServer,
-    codec_client: Callable[..., CodecClient],
+    clients: Clients,
 ) -> None:
-    client = codec_client(pi0_server)
+    client = clients.codec(pi0_server)
     reply = client.send(frame)
     assert isinstance(reply, str)
     assert_clean_error(reply, message)
@@ -233,10 +268,10 @@ class FailingEngine:
 
 
 def test_internal_error_reaches_the_client_without_details(
-    pi0_engine: PolicyEngine, codec_client: Callable[..., CodecClient]
+    pi0_engine: PolicyEngine, clients: Clients
 ) -> None:
     with start_server(lambda: FailingEngine(pi0_engine), ServerSettings(port=0)) as server:
-        client = codec_client(server)
+        client = clients.codec(server)
         reply = client.send(packb(observation(0, prompt="fail")))
         assert reply == "internal server error (details are in the server log)"
         assert client.infer(observation(0))["actions"].shape == (50, 7)
@@ -247,10 +282,10 @@ AUTH = {"Authorization": f"Api-Key {API_KEY}"}
 
 
 def test_oversized_frame_closes_only_its_connection(
-    guarded_server: RunningServer, codec_client: Callable[..., CodecClient]
+    guarded_server: RunningServer, clients: Clients
 ) -> None:
-    bystander = codec_client(guarded_server, additional_headers=AUTH)
-    sender = codec_client(guarded_server, additional_headers=AUTH)
+    bystander = clients.codec(guarded_server, additional_headers=AUTH)
+    sender = clients.codec(guarded_server, additional_headers=AUTH)
     big = packb(observation(0, side=224))
     assert len(big) > SMALL_FRAME_BYTES
     with pytest.raises(ConnectionClosed) as closed:
@@ -261,9 +296,9 @@ def test_oversized_frame_closes_only_its_connection(
 
 
 def test_api_key_accepted_from_the_stock_client(
-    guarded_server: RunningServer, stock_client: Callable[..., Any]
+    guarded_server: RunningServer, clients: Clients
 ) -> None:
-    policy = stock_client(guarded_server, api_key=API_KEY)
+    policy = clients.stock(guarded_server, api_key=API_KEY)
     assert policy.get_server_metadata()["model"] == "pi0"
     assert policy.infer(observation(2, side=64))["actions"].shape == (50, 7)
 
@@ -283,10 +318,10 @@ def test_missing_or_wrong_api_key_is_refused_with_401(
 
 
 def test_stock_client_with_wrong_key_is_refused(
-    guarded_server: RunningServer, stock_client: Callable[..., Any]
+    guarded_server: RunningServer, clients: Clients
 ) -> None:
     with pytest.raises(InvalidStatus) as refused:
-        stock_client(guarded_server, api_key="wrong")
+        clients.stock(guarded_server, api_key="wrong")
     assert refused.value.response.status_code == 401
 
 

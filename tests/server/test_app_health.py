@@ -8,12 +8,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
-from conftest import API_KEY, STOCK_CLIENT_WARNING, CodecClient, observation
+from loopback import API_KEY, STOCK_CLIENT_WARNING, Clients, CodecClient, observation, tiny_engine
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
@@ -25,6 +24,18 @@ from latentpi.server.engine import PolicyEngine
 from latentpi.server.settings import ServerSettings
 
 pytestmark = pytest.mark.filterwarnings(STOCK_CLIENT_WARNING)
+
+
+@pytest.fixture(scope="module")
+def pi0_engine() -> PolicyEngine:
+    return tiny_engine("pi0_tiny")
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    with Clients() as opened:
+        yield opened
+
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -167,10 +178,10 @@ def test_metrics_follow_the_traffic(pi0_engine: PolicyEngine) -> None:
 
 # -- shutdown -----------------------------------------------------------------------------------
 def test_stop_ends_the_thread_frees_the_port_and_closes_clients(
-    pi0_engine: PolicyEngine, stock_client: Callable[..., Any]
+    pi0_engine: PolicyEngine, clients: Clients
 ) -> None:
     server = start_server(lambda: pi0_engine, ServerSettings(port=0))
-    policy = stock_client(server)
+    policy = clients.stock(server)
     assert np.isfinite(policy.infer(observation(0))["actions"]).all()
     started = time.monotonic()
     server.stop()

@@ -3,19 +3,38 @@ on loopback, for both model variants; shapes are checked against the numbers in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import STOCK_CLIENT_WARNING
+from loopback import STOCK_CLIENT_WARNING, Clients, observation, serving, tiny_engine
 
 from latentpi.protocol.latent_layout import LATENT_NAMES
 from latentpi.protocol.messages import ServerMetadata
 from latentpi.server.embedded import RunningServer
 
 pytestmark = pytest.mark.filterwarnings(STOCK_CLIENT_WARNING)
+
+
+@pytest.fixture(scope="module")
+def pi0_server() -> Iterator[RunningServer]:
+    with serving(tiny_engine("pi0_tiny")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pi05_server() -> Iterator[RunningServer]:
+    with serving(tiny_engine("pi05_tiny")) as server:
+        yield server
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    with Clients() as opened:
+        yield opened
+
 
 HORIZON = {"pi0_tiny": 50, "pi05_tiny": 10}
 SERVERS = {"pi0_tiny": "pi0_server", "pi05_tiny": "pi05_server"}
@@ -46,9 +65,9 @@ def check_layout_entries(result: dict[str, Any]) -> None:
 
 
 def test_metadata_describes_the_tiny_model(
-    config: str, server: RunningServer, stock_client: Callable[..., Any]
+    config: str, server: RunningServer, clients: Clients
 ) -> None:
-    metadata = ServerMetadata.from_wire(stock_client(server).get_server_metadata())
+    metadata = ServerMetadata.from_wire(clients.stock(server).get_server_metadata())
     assert metadata.model == config.removesuffix("_tiny")
     assert metadata.action_horizon == HORIZON[config]
     assert metadata.config["name"] == config
@@ -61,11 +80,10 @@ def test_metadata_describes_the_tiny_model(
 def test_plain_request_answers_libero_actions_and_timing(
     config: str,
     server: RunningServer,
-    stock_client: Callable[..., Any],
-    make_observation: Callable[..., dict[str, Any]],
+    clients: Clients,
 ) -> None:
-    policy = stock_client(server)
-    first = policy.infer(make_observation(1))
+    policy = clients.stock(server)
+    first = policy.infer(observation(1))
     assert first["actions"].shape == (HORIZON[config], 7)
     assert first["actions"].dtype.kind == "f" and np.isfinite(first["actions"]).all()
     assert not latents_of(first) and "latent_layout" not in first
@@ -73,7 +91,7 @@ def test_plain_request_answers_libero_actions_and_timing(
     assert first["server_timing"]["infer_ms"] > 0
     assert first["policy_timing"]["infer_ms"] > 0
 
-    second = policy.infer(make_observation(2))
+    second = policy.infer(observation(2))
     assert second["server_timing"]["prev_total_ms"] >= first["server_timing"]["infer_ms"]
     assert not np.array_equal(first["actions"], second["actions"])
 
@@ -81,18 +99,16 @@ def test_plain_request_answers_libero_actions_and_timing(
 def test_default_latents_match_metadata_in_both_views(
     config: str,
     server: RunningServer,
-    stock_client: Callable[..., Any],
-    codec_client: Callable[..., Any],
-    make_observation: Callable[..., dict[str, Any]],
+    clients: Clients,
 ) -> None:
     """`collect_latents: True` is the default preset: the prompt's states at every layer and the
     action expert at the last step, bfloat16. openpi-client reads bfloat16 as uint16 (the protocol's
     extension); our codec restores bfloat16; both carry the same bits."""
-    policy = stock_client(server)
+    policy = clients.stock(server)
     metadata = ServerMetadata.from_wire(policy.get_server_metadata())
-    obs = make_observation(3, collect_latents=True, noise_seed=7)
+    obs = observation(3, collect_latents=True, noise_seed=7)
     stock = policy.infer(obs)
-    ours = codec_client(server).infer(obs)
+    ours = clients.codec(server).infer(obs)
 
     layers, (width_0, width_1) = metadata.depth[0] + 1, metadata.width
     prompt_start, prompt_stop = metadata.token_layout.span(0, "prompt")
@@ -121,12 +137,11 @@ def test_default_latents_match_metadata_in_both_views(
 
 def test_preset_by_name_equals_bare_collect_latents(
     server: RunningServer,
-    codec_client: Callable[..., Any],
-    make_observation: Callable[..., dict[str, Any]],
+    clients: Clients,
 ) -> None:
-    client = codec_client(server)
-    bare = client.infer(make_observation(4, collect_latents=True, noise_seed=11))
-    named = client.infer(make_observation(4, latent_spec="default", noise_seed=11))
+    client = clients.codec(server)
+    bare = client.infer(observation(4, collect_latents=True, noise_seed=11))
+    named = client.infer(observation(4, latent_spec="default", noise_seed=11))
     assert named["latent_spec"] == bare["latent_spec"]
     assert set(latents_of(named)) == set(latents_of(bare))
     for name in latents_of(bare):
@@ -135,19 +150,18 @@ def test_preset_by_name_equals_bare_collect_latents(
 
 def test_spec_map_over_a_preset(
     server: RunningServer,
-    stock_client: Callable[..., Any],
-    make_observation: Callable[..., dict[str, Any]],
+    clients: Clients,
 ) -> None:
     """A map that edits a preset: segment means of both experts plus per-head attention mass, at
     chosen layers and steps (negative indices count from the end)."""
-    policy = stock_client(server)
+    policy = clients.stock(server)
     metadata = ServerMetadata.from_wire(policy.get_server_metadata())
     depth, (width_0, width_1), heads = metadata.depth[0], metadata.width, metadata.num_heads
     segments_0 = len(metadata.token_layout.names(0))
     segments_1 = len(metadata.token_layout.names(1))
     spec = {"preset": "pooled", "attention": "per_head", "layers": [-1, 0], "steps": [0, -1]}
 
-    result = policy.infer(make_observation(5, latent_spec=spec))
+    result = policy.infer(observation(5, latent_spec=spec))
     # Residual entry `depth` (the last output) has no attention layer: attention keeps layer 0 only.
     assert {name: a.shape for name, a in latents_of(result).items()} == {
         "expert_0_hidden_states": (2, segments_0, width_0),

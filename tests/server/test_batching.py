@@ -11,12 +11,12 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import STOCK_CLIENT_WARNING, observation
+from loopback import STOCK_CLIENT_WARNING, Clients, observation, serving, tiny_engine
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,6 +26,24 @@ from latentpi.server.engine import PolicyEngine
 from latentpi.server.settings import ServerSettings
 
 pytestmark = pytest.mark.filterwarnings(STOCK_CLIENT_WARNING)
+
+
+@pytest.fixture(scope="module")
+def pi0_engine() -> PolicyEngine:
+    return tiny_engine("pi0_tiny")
+
+
+@pytest.fixture(scope="module")
+def pi0_server() -> Iterator[RunningServer]:
+    with serving(tiny_engine("pi0_tiny")) as server:
+        yield server
+
+
+@pytest.fixture
+def clients() -> Iterator[Clients]:
+    with Clients() as opened:
+        yield opened
+
 
 CLIENTS = 4
 # A long window: concurrent requests released by a barrier always meet in one batch; the gather
@@ -158,8 +176,8 @@ def test_a_lone_client_does_not_wait_out_the_window(batching_server: RunningServ
 
 # -- noise_seed ---------------------------------------------------------------------------------
 @pytest.fixture
-def policy(pi0_server: RunningServer, stock_client: Callable[..., Any]) -> Any:
-    return stock_client(pi0_server)
+def policy(pi0_server: RunningServer, clients: Clients) -> Any:
+    return clients.stock(pi0_server)
 
 
 def test_same_seed_same_actions_and_latents(policy: Any) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import STOCK_CLIENT_WARNING, observation
+from loopback import STOCK_CLIENT_WARNING, observation
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
 from latentpi.server.cli import serve
