@@ -139,7 +139,8 @@ class PolicyServer:
                 PlainTextResponse("invalid or missing API key", status_code=401)
             )
             return
-        await self._loaded.wait()  # connections made while loading wait for the model
+        if not await self._wait_loaded(websocket):
+            return  # the client left, or the server is stopping, before the model was ready
         if self._load_error is not None:
             self.metrics.errors.labels("unavailable").inc()
             await websocket.send_denial_response(
@@ -155,6 +156,18 @@ class PolicyServer:
             pass
         finally:
             self.metrics.clients.dec()
+
+    async def _wait_loaded(self, websocket: WebSocket) -> bool:
+        """Hold a connection made while loading until the model is ready (True), or until it is
+        closed (False): a client giving up, or the server stopping, must not wait for the load."""
+        if self._loaded.is_set():
+            return True
+        loaded = asyncio.ensure_future(self._loaded.wait())
+        closed = asyncio.ensure_future(_closed(websocket))
+        done, pending = await asyncio.wait({loaded, closed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return loaded in done
 
     async def _serve_connection(self, websocket: WebSocket) -> None:
         prev_total_ms: float | None = None
@@ -238,6 +251,12 @@ class PolicyServer:
     def _error(self, kind: str, text: str) -> str:
         self.metrics.errors.labels(kind).inc()
         return text
+
+
+async def _closed(websocket: WebSocket) -> None:
+    """Returns when a not yet accepted connection is closed (nothing else arrives before accept)."""
+    while (await websocket.receive())["type"] != "websocket.disconnect":
+        pass
 
 
 async def _in_daemon_thread(function: Callable[[], Any]) -> Any:
