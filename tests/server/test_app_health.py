@@ -133,6 +133,38 @@ def test_failed_load_is_503_and_refuses_connections() -> None:
         server.stop()
 
 
+def test_stop_while_loading_does_not_wait_for_the_model() -> None:
+    """A connection waiting for the model must not hold up shutdown."""
+    release = threading.Event()
+
+    def never_ready() -> PolicyEngine:
+        release.wait(60)
+        raise RuntimeError("released")
+
+    server = start_server(never_ready, ServerSettings(port=0), wait=False)
+    outcome: list[BaseException] = []
+
+    def waiting_client() -> None:
+        try:
+            connect(server.url, open_timeout=30)
+        except Exception as error:
+            outcome.append(error)
+
+    try:
+        wait_for_http(server)
+        client = threading.Thread(target=waiting_client)
+        client.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        server.stop(timeout_s=20)
+        assert not server.thread.is_alive()
+        assert time.monotonic() - started < 10
+        client.join(10)
+        assert outcome and not client.is_alive()  # refused, not connected
+    finally:
+        release.set()
+
+
 # -- metrics ------------------------------------------------------------------------------------
 def test_metrics_follow_the_traffic(pi0_engine: PolicyEngine) -> None:
     settings = ServerSettings(port=0, api_key=API_KEY)
