@@ -4,6 +4,7 @@ latentpi.client.server_process), so a crashing simulation never shares memory wi
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -15,6 +16,20 @@ import uvicorn
 
 from latentpi.server.app import PolicyEngine, PolicyServer, build_app
 from latentpi.server.settings import ServerSettings
+
+
+class _RefusalNoiseFilter(logging.Filter):
+    """uvicorn logs 'ASGI callable returned without completing handshake' after every deliberate
+    refusal (401 bad API key, 503 failed load) sent as a denial response; the refusal is ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "returned without completing handshake" not in record.getMessage()
+
+
+def _quiet_refusals() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _RefusalNoiseFilter) for f in logger.filters):
+        logger.addFilter(_RefusalNoiseFilter())
 
 
 def uvicorn_config(
@@ -86,6 +101,7 @@ def start_server(
 ) -> RunningServer:
     """Start the server on a thread; port 0 (the default here) picks a free local port."""
     settings = settings or ServerSettings(port=0)
+    _quiet_refusals()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
