@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -187,13 +188,21 @@ def test_second_suite_with_a_spec_file_and_images(server: SharedServer, tmp_path
     assert result.tasks[0].size_bytes == path.stat().st_size > 0
 
 
-def test_changed_spec_on_resume_is_refused_before_simulating(
+def test_changed_spec_or_model_on_resume_is_refused_before_simulating(
     server: SharedServer, object_dir: Path
 ) -> None:
     events: list[Event] = []
     with pytest.raises(ValidationError, match=r"root attribute latent_spec") as caught:
         collect(options(object_dir, server, latents="pooled"), on_event=events.append)
     assert "as stored" in str(caught.value)
+    # a file written by another model (its stored model_config differs) is refused the same way
+    path = task_files(object_dir)[0]
+    with h5py.File(path, "r+") as f:
+        f.attrs["model_config"] = "pi05_libero"
+    with pytest.raises(
+        ValidationError, match=r"root attribute model_config: expected 'pi05_libero'"
+    ):
+        collect(options(object_dir, server), on_event=events.append)
     assert events == []
 
 
