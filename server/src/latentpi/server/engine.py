@@ -102,13 +102,19 @@ class PolicyEngine:
             for i, item in enumerate(items)
         ]
 
-    def warmup(self, specs: Sequence[LatentSpec | None] = (None,)) -> None:
-        """Compile (batch 1) before the server reports healthy."""
-        dummy = _dummy_request()
+    def warmup(
+        self, specs: Sequence[LatentSpec | None] = (None,), batch_sizes: Sequence[int] = (1,)
+    ) -> None:
+        """Compile every (spec, padded batch size) pair before the server reports healthy, so the
+        first requests of a run never wait for a compile."""
+        dummy = self.prepare(_dummy_request())
+        sizes = sorted(
+            {self.settings.padded_batch_size(min(n, self.settings.max_batch)) for n in batch_sizes}
+        )
         for spec in specs:
-            prepared = self.prepare(dummy)
-            resolved = self.sampler.resolve(spec)
-            self.run_batch([PreparedRequest(prepared.inputs, prepared.noise, resolved)])
+            item = PreparedRequest(dummy.inputs, dummy.noise, self.sampler.resolve(spec))
+            for size in sizes:
+                self.run_batch([item] * size)
 
     # -- helpers --------------------------------------------------------------------------------
     def _noise(self, seed: int | None) -> np.ndarray:

@@ -63,10 +63,18 @@ def load_norm_stats_for(config: ServingConfig) -> Any:
 
 
 def build_engine(
-    config: ServingConfig, settings: ServerSettings, *, warmup: bool = True
+    config: ServingConfig,
+    settings: ServerSettings,
+    *,
+    warmup: bool = True,
+    compile_cache: Path | None = None,
 ) -> PolicyEngine:
+    """Load weights, tokenizer and norm stats; compile what `settings` asks to warm up.
+
+    compile_cache: None uses `default_compile_cache()`; Path("off") disables it."""
     from latentpi.server.policy.libero import LiberoPolicyTransform
 
+    enable_compile_cache(compile_cache or default_compile_cache())
     start = time.monotonic()
     transform = LiberoPolicyTransform(
         variant=config.model.variant,
@@ -86,6 +94,7 @@ def build_engine(
     )
     logger.info("loaded %s in %.1f s", config.name, time.monotonic() - start)
     if warmup:
-        engine.warmup((None, preset(DEFAULT_PRESET)))
+        specs = (None, preset(DEFAULT_PRESET), *settings.warmup_specs)
+        engine.warmup(tuple(dict.fromkeys(specs)), settings.warmup_batch_sizes)
         logger.info("compiled %s in %.1f s total", config.name, time.monotonic() - start)
     return engine

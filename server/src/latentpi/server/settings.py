@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from latentpi.protocol.latent_spec import LatentSpec
+
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024  # a request is two images and a prompt: far below this
 
 
@@ -24,6 +26,8 @@ class ServerSettings:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_queue: int = 256
     batch_sizes: tuple[int, ...] = ()
+    warmup_batch_sizes: tuple[int, ...] = (1,)  # compiled at start-up, with every warm-up spec
+    warmup_specs: tuple[LatentSpec, ...] = ()  # beyond plain inference and the default preset
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= 256:
@@ -38,6 +42,10 @@ class ServerSettings:
             raise ValueError(f"port: expected 0..65535, received {self.port}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key: expected a non-empty string or none")
+        if not self.warmup_batch_sizes or min(self.warmup_batch_sizes) < 1:
+            raise ValueError(
+                f"warmup_batch_sizes: expected sizes >= 1, received {self.warmup_batch_sizes}"
+            )
         if not self.batch_sizes:
             object.__setattr__(self, "batch_sizes", _powers_of_two_up_to(self.max_batch))
         elif max(self.batch_sizes) < self.max_batch or min(self.batch_sizes) < 1:

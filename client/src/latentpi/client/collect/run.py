@@ -8,6 +8,7 @@ checked once the server's metadata is known and before any simulation.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ def collect(
     progress: bool | None = None,
 ) -> CollectResult:
     spec, tasks = plan_tasks(options)
-    with _server_url(options) as url:
+    with _server_url(options, spec) as url:
         with connect(url, options.api_key, options.retry_timeout_s, None) as client:
             metadata = client.metadata
         jobs = [TaskJob(task, _header(task, spec, metadata, options), options) for task in tasks]
@@ -77,12 +78,18 @@ def collect(
 
 
 @contextlib.contextmanager
-def _server_url(options: CollectOptions) -> Iterator[str]:
+def _server_url(options: CollectOptions, spec: LatentSpec) -> Iterator[str]:
     if not options.embedded:
         yield options.server
         return
     logger.info("starting the embedded server (%s)", options.config)
-    with EmbeddedServer(options.config, api_key=options.api_key) as server:
+    # Batches never exceed the workers' count; compiling those sizes with this run's spec at
+    # start-up keeps compiles out of the episodes.
+    warmup = [
+        *("--max-batch", str(max(1, options.workers)), "--warmup-batch-sizes", "all"),
+        *("--warmup-latents", json.dumps(spec.to_wire())),
+    ]
+    with EmbeddedServer(options.config, api_key=options.api_key, extra_args=warmup) as server:
         yield server.url
 
 

@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from latentpi.protocol.latent_spec import LatentSpec
+
 if TYPE_CHECKING:
     from latentpi.server.embedded import RunningServer
 
@@ -45,6 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-frame-bytes", type=int, default=None, help="largest request frame (else 64 MiB)"
     )
     parser.add_argument(
+        "--warmup-batch-sizes",
+        default="1",
+        help="batch sizes compiled at start-up: comma-separated, or 'all' (every padded size)",
+    )
+    parser.add_argument(
+        "--warmup-latents",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="also compile this latent spec at start-up (a preset name or a JSON map); repeatable",
+    )
+    parser.add_argument(
         "--ready-file", type=Path, help="write {url, port, pid} as JSON here once serving"
     )
     parser.add_argument(
@@ -75,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             batch_window_ms=args.batch_window_ms,
             max_frame_bytes=args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES,
+            warmup_batch_sizes=_batch_sizes(args.warmup_batch_sizes, args.max_batch),
+            warmup_specs=tuple(_latent_spec(text) for text in args.warmup_latents),
         )
     except ValueError as error:
-        print(f"latentpi serve: --{str(error).replace('_', '-')}", file=sys.stderr)
+        option, _, detail = str(error).partition(":")
+        print(f"latentpi serve: --{option.replace('_', '-')}:{detail}", file=sys.stderr)
         return 2
     config = serving_config(args.config).with_checkpoint(args.checkpoint)
     stop = threading.Event()
@@ -121,6 +138,25 @@ def _wait_ready(running: RunningServer, stop: threading.Event) -> bool:
             continue
         return True
     return False
+
+
+def _batch_sizes(text: str, max_batch: int) -> tuple[int, ...]:
+    if text == "all":
+        return tuple(range(1, max_batch + 1))
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"warmup_batch_sizes: expected 'all' or comma-separated integers, received {text!r}"
+        ) from None
+
+
+def _latent_spec(text: str) -> LatentSpec:
+    """A preset name or a JSON map, as `collect --latents` and requests accept."""
+    try:
+        return LatentSpec.from_wire(json.loads(text) if text.lstrip().startswith("{") else text)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"warmup_latents: {error}") from None
 
 
 def _watch_parent(pid: int, stop: threading.Event) -> None:
