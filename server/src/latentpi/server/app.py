@@ -26,7 +26,7 @@ from latentpi.protocol.codec import FramePacker, Limits, packb, unpackb
 from latentpi.protocol.errors import ProtocolError, ValidationError
 from latentpi.protocol.messages import PolicyRequest
 from latentpi.server.auth import is_authorized
-from latentpi.server.batching import DynamicBatcher, QueueFullError
+from latentpi.server.batching import BatchCompiler, DynamicBatcher, QueueFullError
 from latentpi.server.metrics import ServerMetrics
 from latentpi.server.settings import ServerSettings
 
@@ -100,6 +100,7 @@ class PolicyServer:
             max_queue=self.settings.max_queue,
             metrics=self.metrics,
             more_may_come=self._more_may_come,
+            compiler=engine if isinstance(engine, BatchCompiler) else None,
         )
         self._batcher.start()
         self._loaded.set()

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from latentpi.server.metrics import ServerMetrics
 
@@ -28,6 +28,15 @@ class Groupable(Protocol):
 
 ItemT = TypeVar("ItemT", bound=Groupable)
 ResultT = TypeVar("ResultT")
+
+
+@runtime_checkable
+class BatchCompiler(Protocol):
+    """Optional: lets the batcher compile a new kind of batch off the model thread."""
+
+    def is_compiled(self, items: Sequence[Any]) -> bool: ...
+
+    def compile(self, items: Sequence[Any]) -> None: ...
 
 
 class QueueFullError(RuntimeError):
@@ -52,6 +61,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         max_queue: int,
         metrics: ServerMetrics,
         more_may_come: Callable[[], bool] | None = None,
+        compiler: BatchCompiler | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._max_batch = max_batch
@@ -59,6 +69,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._max_queue = max_queue
         self._metrics = metrics
         self._more_may_come = more_may_come or (lambda: True)
+        self._compiler = compiler
+        # A batch that needs a compile waits on its own thread, so batches whose function is
+        # already compiled keep running meanwhile (a new latent spec never stalls the others).
+        self._compile_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="latentpi-compile"
+        )
+        self._compiling: dict[asyncio.Task[None], list[_Pending[ItemT, ResultT]]] = {}
         self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latentpi-model")
         self._task: asyncio.Task[None] | None = None
@@ -72,8 +89,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        compiling = list(self._compiling.items())
+        for task, _ in compiling:
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in compiling), return_exceptions=True)
         # Requests gathered or running when the loop was cancelled would otherwise never resolve.
         waiting = [
+            *(pending for _, chunk in compiling for pending in chunk),
             *self._in_flight,
             *(self._queue.get_nowait() for _ in range(self._queue.qsize())),
         ]
@@ -81,6 +103,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("server shutting down"))
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._compile_executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, item: ItemT) -> ResultT:
         if self._queue.qsize() >= self._max_queue:
@@ -99,7 +122,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._metrics.queue_depth.set(self._queue.qsize())
             live = [p for p in self._in_flight if not p.future.done()]  # skip clients that left
             for chunk in _chunks_by_group(live, self._max_batch):
-                await self._run(chunk)
+                if self._compiler is not None and not self._compiler.is_compiled(
+                    [p.item for p in chunk]
+                ):
+                    self._compile_then_requeue(chunk)
+                else:
+                    await self._run(chunk)
 
     async def _gather(self, gathered: list[_Pending[ItemT, ResultT]]) -> None:
         """The first waiting request, then whatever arrives within the window (up to max_batch)."""
@@ -118,6 +146,27 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 gathered.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
                 break
+
+    def _compile_then_requeue(self, chunk: list[_Pending[ItemT, ResultT]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._compile(chunk))
+        self._compiling[task] = chunk
+        task.add_done_callback(lambda done: self._compiling.pop(done, None))
+
+    async def _compile(self, chunk: list[_Pending[ItemT, ResultT]]) -> None:
+        assert self._compiler is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(
+                self._compile_executor, self._compiler.compile, [p.item for p in chunk]
+            )
+        except Exception as error:
+            logger.exception("compiling for a batch of %d failed", len(chunk))
+            for pending in chunk:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        for pending in chunk:  # back in line, now with a compiled function
+            self._queue.put_nowait(pending)
 
     async def _run(self, chunk: list[_Pending[ItemT, ResultT]]) -> None:
         self._metrics.batch_size.observe(len(chunk))

@@ -102,6 +102,18 @@ class PolicyEngine:
             for i, item in enumerate(items)
         ]
 
+    def is_compiled(self, items: Sequence[PreparedRequest]) -> bool:
+        padded = self.settings.padded_batch_size(len(items))
+        image = next(iter(items[0].inputs["image"].values()))
+        return self.sampler.is_compiled(padded, str(image.dtype), items[0].spec)
+
+    def compile(self, items: Sequence[PreparedRequest]) -> None:
+        """Compile what `run_batch(items)` needs, without running it (on the compile thread)."""
+        padded = self.settings.padded_batch_size(len(items))
+        rows = [items[0]] * padded
+        noise = np.stack([r.noise for r in rows])
+        self.sampler.compiled(self.params, _stack_observation(rows), noise, items[0].spec)
+
     def warmup(
         self, specs: Sequence[LatentSpec | None] = (None,), batch_sizes: Sequence[int] = (1,)
     ) -> None:

@@ -265,6 +265,15 @@ class CompiledSampler:
                 raise
         return future.result()
 
+    def is_compiled(
+        self, batch: int, image_dtype: str, spec: LatentSpec | None, *, trace: bool = False
+    ) -> bool:
+        """Whether a call of this shape and spec would run without compiling first."""
+        key: CacheKey = (batch, image_dtype, self.resolve(spec), trace)
+        with self._lock:
+            future = self._cache.get(key)
+        return future is not None and future.done() and future.exception() is None
+
     def cached_keys(self) -> list[CacheKey]:
         with self._lock:
             return [
