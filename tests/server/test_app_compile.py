@@ -50,3 +50,28 @@ def test_a_new_spec_compiles_while_cached_requests_are_served() -> None:
     assert np.isfinite(response["actions"]).all()
     # Without a separate compile thread every one of these would wait behind the compile.
     assert served_meanwhile >= 3
+
+
+def test_engine_compile_is_what_run_batch_then_uses() -> None:
+    from latentpi.protocol.latent_spec import LatentSpec
+    from latentpi.protocol.messages import PolicyRequest
+    from latentpi.server.engine import PreparedRequest
+
+    engine = tiny_engine("pi0_tiny")
+    obs = observation(3)
+    request = PolicyRequest(
+        obs["observation/image"],
+        obs["observation/wrist_image"],
+        obs["observation/state"],
+        obs["prompt"],
+    )
+    prepared = engine.prepare(request)
+    spec = LatentSpec(steps=tuple(random.sample(range(10), 3)), pooling="last")
+    items = [PreparedRequest(prepared.inputs, prepared.noise, engine.sampler.resolve(spec))] * 3
+    assert not engine.is_compiled(items)
+    engine.compile(items)
+    assert engine.is_compiled(items)  # padded to 4: 3 and 4 rows share it, 2 rows do not
+    assert not engine.is_compiled(items[:2])
+    compiled = len(engine.sampler.cached_keys())
+    engine.run_batch(items)
+    assert len(engine.sampler.cached_keys()) == compiled

@@ -112,7 +112,7 @@ class PolicyEngine:
         padded = self.settings.padded_batch_size(len(items))
         rows = [items[0]] * padded
         noise = np.stack([r.noise for r in rows])
-        self.sampler.compiled(self.params, _stack_observation(rows), noise, items[0].spec)
+        self.sampler.precompile(self.params, _stack_observation(rows), noise, items[0].spec)
 
     def warmup(
         self, specs: Sequence[LatentSpec | None] = (None,), batch_sizes: Sequence[int] = (1,)

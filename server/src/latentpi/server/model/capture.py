@@ -265,6 +265,13 @@ class CompiledSampler:
                 raise
         return future.result()
 
+    def precompile(
+        self, params: Any, observation: Observation, noise: Any, spec: LatentSpec | None = None
+    ) -> None:
+        """Compile what `sample_actions` with these arguments would run, without running it."""
+        observation, noise = canonical_inputs(observation, noise)
+        self.compiled(params, observation, noise, spec)
+
     def is_compiled(
         self, batch: int, image_dtype: str, spec: LatentSpec | None, *, trace: bool = False
     ) -> bool:
