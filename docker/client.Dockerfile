@@ -3,10 +3,8 @@ FROM python:3.11-slim
 ENV VENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MUJOCO_GL=egl PYOPENGL_PLATFORM=egl \
     TORCH_INDEX=https://download.pytorch.org/whl/cpu
 WORKDIR /app
-COPY pyproject.toml uv.lock ./
-COPY scripts/ scripts/
-COPY protocol/ protocol/
-COPY client/ client/
+# The whole workspace (see .dockerignore): uv installs this side's member from the lock.
+COPY . .
 RUN pip install --no-cache-dir uv && scripts/install.sh client && rm -rf /root/.cache /var/lib/apt/lists/*
 VOLUME /data
 ENTRYPOINT ["latentpi"]

@@ -2,10 +2,8 @@
 FROM python:3.11-slim
 ENV VENV=/opt/venv PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 LATENTPI_JAX_CUDA=cuda12
 WORKDIR /app
-COPY pyproject.toml uv.lock ./
-COPY scripts/ scripts/
-COPY protocol/ protocol/
-COPY server/ server/
+# The whole workspace (see .dockerignore): uv installs this side's member from the lock.
+COPY . .
 RUN pip install --no-cache-dir uv && scripts/install.sh server && rm -rf /root/.cache
 # openpi's checkpoint cache: mount a volume here to keep downloaded weights across restarts.
 ENV OPENPI_DATA_HOME=/cache/openpi

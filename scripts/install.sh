@@ -84,11 +84,16 @@ install_workspace() {
 }
 
 install_member() {  # server or client alone, for the Dockerfiles and single-side machines
-  local member="$1" extra="${2:-}"
-  stamp_ok "member-$member" "$(hash_files "$ROOT/$member/pyproject.toml" "$ROOT/protocol/pyproject.toml")" && return
-  log "installing latentpi-protocol and latentpi-$member$extra"
-  uv pip install --quiet --python "$VENV/bin/python" -e "$ROOT/protocol" -e "$ROOT/$member$extra"
-  stamp_set "member-$member" "$(hash_files "$ROOT/$member/pyproject.toml" "$ROOT/protocol/pyproject.toml")"
+  # The lock's versions (not a fresh resolve): the set the tests ran with.
+  local member="$1" extras=()
+  [ "$member" = client ] && extras=(--extra sim)
+  local key
+  key="$(hash_files "$ROOT/uv.lock" "$ROOT"/*/pyproject.toml)"
+  stamp_ok "member-$member" "$key" && return
+  log "uv sync --package latentpi-$member (locked versions)"
+  (cd "$ROOT" && UV_PROJECT_ENVIRONMENT="$VENV" uv sync --frozen --inexact --quiet \
+      --package "latentpi-$member" "${extras[@]}")
+  stamp_set "member-$member" "$key"
 }
 
 install_torch_cpu() {
@@ -145,7 +150,7 @@ main() {
       ;;
     client)
       ensure_apt
-      install_member client "[sim]"
+      install_member client
       install_libero
       ;;
     *) log "unknown target '$TARGET' (expected all, server or client)"; exit 2 ;;
