@@ -67,8 +67,12 @@ ensure_venv() {
 }
 
 find_links_args() {
-  local dir
-  for dir in ${PIP_FIND_LINKS:-} ${UV_FIND_LINKS:-}; do
+  # $PIP_FIND_LINKS / $UV_FIND_LINKS, else pip's own configured find-links (uv reads neither).
+  local dirs="${PIP_FIND_LINKS:-} ${UV_FIND_LINKS:-}" dir
+  if [ -z "${dirs// /}" ]; then
+    dirs="$(python3 -m pip config get global.find-links 2>/dev/null || true)"
+  fi
+  for dir in $dirs; do
     [ -d "${dir#file://}" ] && printf -- '--find-links\n%s\n' "${dir#file://}"
   done
   return 0
