@@ -8,6 +8,7 @@ at their own import: the config folder (without one, libero calls `input()`), an
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import math
@@ -86,7 +87,11 @@ class TaskInfo:
     instruction: str  # the prompt sent to the policy
     bddl_file: str  # absolute path
     init_states_file: str  # absolute path
-    num_init_states: int
+
+    @functools.cached_property
+    def num_init_states(self) -> int:
+        """Read on first use: reading every task's file up front costs seconds per suite."""
+        return len(_read_init_states(Path(self.init_states_file)))
 
     @property
     def max_steps(self) -> int:
@@ -117,7 +122,6 @@ def list_tasks(suite: str) -> list[TaskInfo]:
                 instruction=task.language,
                 bddl_file=str(bddl_root / task.problem_folder / task.bddl_file),
                 init_states_file=str(init_file),
-                num_init_states=len(_read_init_states(init_file)),
             )
         )
     return tasks
