@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -64,6 +65,12 @@ def test_demo_collects_real_episodes_and_writes_a_report(tmp_path: Path) -> None
     assert len(drift) == 2
     # entry 0 is the embedded prompt: it cannot drift, a built-in check on the whole chain
     assert all(summary[key]["entry_0_max_drift"] == 0.0 for key in drift)
+    # the same numbers as one long CSV table: one row per number of summary.json
+    with (tmp_path / "report" / "summary.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    drift_rows = [r for r in rows if r["section"] == drift[0] and r["key"] == "mean_cosine_drift"]
+    flat = [v for sample in summary[drift[0]]["mean_cosine_drift"] for v in sample]
+    assert [float(r["value"]) for r in drift_rows] == pytest.approx(flat)
     html = page.read_text()
     assert (
         html.count("data:image/png;base64,") >= 5

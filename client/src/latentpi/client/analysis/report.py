@@ -1,5 +1,6 @@
 """The analysis report of a collection folder: one self-contained HTML page (figures inline) and a
-`summary.json` with every number shown.
+`summary.json` with every number shown, and the same numbers as one long table in `summary.csv`
+(section, key, index, value: one row per number, for pandas or a spreadsheet).
 
 Sections: the tasks; per task, language drift by layer over the rollout, expert 0 × expert 1 CKA
 across the task's samples, the actions' attention to the prompt, expert 1 across denoising steps;
@@ -10,11 +11,12 @@ Definitions: docs/analysis.md.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,8 +120,32 @@ def build_report(
             data.close()
     (out / "index.html").write_text(_page(sections))
     summary = {s.title: s.numbers for s in sections}
-    (out / "summary.json").write_text(json.dumps(_plain(summary), indent=1, allow_nan=False))
+    plain = _plain(summary)
+    (out / "summary.json").write_text(json.dumps(plain, indent=1, allow_nan=False))
+    _write_csv(out / "summary.csv", plain)
     return out / "index.html"
+
+
+def _write_csv(path: Path, summary: dict[str, Any]) -> None:
+    """One row per number: the section, the key inside it, the position in nested lists."""
+    with path.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["section", "key", "index", "value"])
+        for section, numbers in summary.items():
+            for key, value in numbers.items():
+                for index, leaf in _leaves(value):
+                    writer.writerow([section, key, index, "" if leaf is None else leaf])
+
+
+def _leaves(value: Any, index: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, f"{index}.{key}" if index else str(key))
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            yield from _leaves(item, f"{index}[{position}]" if index else f"[{position}]")
+    else:
+        yield index, value
 
 
 def _quiet(progress: bool | None) -> bool | None:
