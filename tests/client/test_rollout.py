@@ -217,7 +217,7 @@ def test_bad_action_chunks_are_refused(
 
 
 def test_arguments_are_checked() -> None:
-    task = TaskInfo("libero_goal", 0, "open_the_drawer", "open the drawer", "x.bddl", "x.init", 2)
+    task = TaskInfo("libero_goal", 0, "open_the_drawer", "open the drawer", "x.bddl", "x.init")
     states = np.zeros((2, 3))
     for name, kwargs in (("stride", {"stride": 0}), ("replan_steps", {"replan_steps": -1})):
         with pytest.raises(ValidationError, match=name):
