@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
 
 from latentpi.client.analysis import metrics
+from latentpi.client.closing import ClosesOnExit
 from latentpi.client.storage import EpisodeView, LazyArray, TaskFile
 from latentpi.protocol.errors import ValidationError
 from latentpi.protocol.latent_layout import latent_layouts
@@ -37,7 +37,7 @@ MIN_CKA_SAMPLES = 4  # the debiased estimator's minimum
 # -- the task file with its labels ------------------------------------------------------------
 
 
-class TaskData:
+class TaskData(ClosesOnExit):
     """An opened task file and, per latent array, its labels (recorded layers, steps, segments):
     from the file's own per-array layout, else recomputed from its server metadata and spec."""
 
@@ -106,17 +106,6 @@ class TaskData:
 
     def close(self) -> None:
         self.file.close()
-
-    def __enter__(self) -> TaskData:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _derived_layouts(file: TaskFile) -> dict[str, Mapping[str, Any]]:

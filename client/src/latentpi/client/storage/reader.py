@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import h5py
 import numpy as np
 
+from latentpi.client.closing import ClosesOnExit
 from latentpi.client.storage.encoding import AXES_ATTR, LAYOUT_ATTR, decode, logical_dtype
 from latentpi.client.storage.layout import decode_attrs, episode_dir, episode_index, group_name
 from latentpi.client.storage.sources import sources
@@ -110,7 +110,7 @@ class EpisodeView:
         return f"EpisodeView({self.index}, success={self.success}, samples={self.num_samples})"
 
 
-class TaskFile:
+class TaskFile(ClosesOnExit):
     """A task file opened read-only; episodes reached through external links are opened on access.
 
     An episode published after the index was last written (the collector killed between the two)
@@ -150,17 +150,6 @@ class TaskFile:
         for extra in self._extra:
             extra.close()
         self._file.close()
-
-    def __enter__(self) -> TaskFile:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _resolves(file: h5py.File, name: str) -> bool:

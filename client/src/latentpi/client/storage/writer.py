@@ -21,6 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from latentpi.client.closing import ClosesOnExit
 from latentpi.client.rollout import EpisodeResult, Sample
 from latentpi.client.storage.encoding import AXES_ATTR, LAYOUT_ATTR, chunk_shape, encode
 from latentpi.client.storage.files import fsync_path, publish, remove
@@ -39,7 +40,7 @@ COMPRESSIONS = ("lzf", "gzip", "none")
 BLOCK_BYTES = 4 << 20  # samples gathered per dataset write (bounds the memory an episode holds)
 
 
-class TaskWriter:
+class TaskWriter(ClosesOnExit):
     """The one writer of a task file. Opening recovers from a crash and checks the header."""
 
     def __init__(self, path: str | Path, header: TaskHeader, *, compression: str = "lzf") -> None:
@@ -110,17 +111,6 @@ class TaskWriter:
                 self.consolidate()
         finally:
             self._release()
-
-    def __enter__(self) -> TaskWriter:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- internals --------------------------------------------------------------------------------
     def _recover(self) -> None:
