@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from openpi_client import image_tools
 
-from latentpi.server.policy.image import resize_with_pad, to_model_float
+from latentpi.server.model.pi0 import to_model_images
+from latentpi.server.model.pixels import pixels_to_model
+from latentpi.server.policy.image import resize_with_pad
 
 
 def test_non_square_ramp_matches_a_hand_computation():
@@ -57,17 +59,25 @@ def test_bad_images_are_refused():
         resize_with_pad(np.zeros((1, 1000, 3), np.uint8))
 
 
-def test_to_model_float_maps_0_and_255_to_the_unit_interval_ends():
-    pixels = np.array([0, 51, 255], np.uint8)
-    out = to_model_float(pixels)
+def test_pixel_table_maps_0_and_255_to_the_unit_interval_ends():
+    out = pixels_to_model(np.array([0, 51, 255], np.uint8))
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, [-1.0, 51 / 255 * 2 - 1, 1.0], rtol=1e-7)
 
 
-def test_to_model_float_works_on_device_arrays_too():
+def test_every_pixel_level_is_bit_exact_to_openpis_eager_conversion_inside_the_jit():
+    """openpi converts with eager jnp ops (IEEE division); a jitted x / 255 is a multiply by 1/255
+    and moves most levels by one ulp. The model's conversion must equal the eager one everywhere."""
+    import jax
     import jax.numpy as jnp
 
-    pixels = np.arange(0, 256, 5, dtype=np.uint8)
-    np.testing.assert_array_equal(
-        np.asarray(to_model_float(jnp.asarray(pixels))), to_model_float(pixels)
-    )
+    levels = jnp.arange(256, dtype=jnp.uint8)
+    eager = np.asarray(levels.astype(jnp.float32) / 255.0 * 2.0 - 1.0)
+    jitted = np.asarray(jax.jit(to_model_images)(levels))
+    np.testing.assert_array_equal(jitted, eager)
+    np.testing.assert_array_equal(pixels_to_model(np.arange(256, dtype=np.uint8)), eager)
+
+
+def test_pixel_table_refuses_other_dtypes():
+    with pytest.raises(ValueError, match="expected uint8"):
+        pixels_to_model(np.zeros(3, np.int16))

@@ -24,6 +24,7 @@ import numpy as np
 
 from latentpi.server.model.configs import ModelConfig
 from latentpi.server.model.gemma import Gemma, LayerTap
+from latentpi.server.model.pixels import PIXEL_TO_MODEL
 from latentpi.server.model.vision import SigLIP
 
 
@@ -73,9 +74,10 @@ def posemb_sincos(
 
 
 def to_model_images(image: jnp.ndarray) -> jnp.ndarray:
-    """uint8 [0, 255] -> float32 [-1, 1]; float images pass through."""
+    """uint8 [0, 255] -> float32 [-1, 1] through the exact table (see pixels.py); float images pass
+    through."""
     if image.dtype == jnp.uint8:
-        return image.astype(jnp.float32) / 255.0 * 2.0 - 1.0
+        return jnp.asarray(PIXEL_TO_MODEL)[image.astype(jnp.int32)]
     return image
 
 

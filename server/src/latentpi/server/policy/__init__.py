@@ -1,6 +1,6 @@
 """The policy around the model: LIBERO request → model inputs, model actions → LIBERO actions."""
 
-from latentpi.server.policy.image import MODEL_IMAGE_SIZE, resize_with_pad, to_model_float
+from latentpi.server.policy.image import MODEL_IMAGE_SIZE, resize_with_pad
 from latentpi.server.policy.libero import (
     IMAGE_SLOTS,
     VARIANT_DEFAULTS,
@@ -27,7 +27,6 @@ __all__ = [
     "clean_prompt",
     "normalize",
     "resize_with_pad",
-    "to_model_float",
     "train_tiny_tokenizer",
     "unnormalize",
 ]

@@ -1,4 +1,4 @@
-"""Image preparation: openpi's resize-with-pad (PIL bilinear) and the model's [-1, 1] scaling.
+"""Image preparation: openpi's resize-with-pad (PIL bilinear); the [-1, 1] scaling is model/pixels.py.
 
 Resize-with-pad keeps the aspect ratio: the image is scaled by 1 / max(w / W, h / H) (sides
 truncated to integers), then pasted centred on a black W×H canvas (extra pad row/column at the
@@ -7,14 +7,10 @@ bottom/right). An image already W×H is returned as it is, as openpi does.
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 import numpy as np
 from PIL import Image
 
 MODEL_IMAGE_SIZE = 224
-
-ArrayT = TypeVar("ArrayT")
 
 
 def resize_with_pad(
@@ -45,7 +41,3 @@ def resize_with_pad(
     )
     return canvas
 
-
-def to_model_float(images: ArrayT) -> ArrayT:
-    """uint8 pixels to float32 in [-1, 1], as the vision tower expects (numpy or jax arrays)."""
-    return images.astype(np.float32) / 255.0 * 2.0 - 1.0  # type: ignore[attr-defined]
