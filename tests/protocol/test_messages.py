@@ -121,8 +121,9 @@ def test_any_image_size_within_the_bound(wire: dict) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "field"),
     [
-        ("observation/image", np.zeros((224, 224, 3), np.float32), "observation/image"),
-        ("observation/image", np.zeros((3, 224, 224), np.uint8), "observation/image"),
+        ("observation/image", np.zeros((224, 224, 3), np.int16), "observation/image"),
+        ("observation/image", np.zeros((4, 224, 224), np.uint8), "observation/image"),
+        ("observation/image", np.zeros((3, 3000, 224), np.float32), "observation/image"),
         ("observation/image", np.zeros((224, 224), np.uint8), "observation/image"),
         ("observation/image", np.zeros((2049, 224, 3), np.uint8), "observation/image"),
         ("observation/image", np.zeros((0, 224, 3), np.uint8), "observation/image"),

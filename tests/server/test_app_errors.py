@@ -154,11 +154,6 @@ BAD_REQUESTS = [
         {"latent_spec": {"segments_0": ["nose"]}},
         ("latent_spec.segments_0: expected segment names among base_0_rgb", "received 'nose'"),
     ),
-    BadRequest(
-        "prompt over max_token_len",
-        {"prompt": "pick up the black bowl and put it on the plate " * 8},
-        ("prompt: expected at most 48 tokens", "tokens"),
-    ),
 ]
 
 
@@ -190,30 +185,42 @@ def test_bad_request_is_named_and_connection_survives(
     assert policy.infer(observation(1))["actions"].shape == (50, 7)
 
 
-def test_prompt_at_the_token_limit_is_accepted(
-    pi0_engine: PolicyEngine, pi0_server: RunningServer, clients: Clients
+LONG_PROMPT = "pick up the black bowl and put it on the plate " * 8  # > 48 tokens
+
+
+def test_prompt_over_the_token_limit_is_truncated_with_a_warning_as_openpi_does(
+    pi0_engine: PolicyEngine,
+    pi0_server: RunningServer,
+    clients: Clients,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The tokenizer refuses overflow instead of truncating (reject_overflow); a prompt that just
-    fits is served."""
     tokenizer = pi0_engine.transform.tokenizer
-    assert tokenizer.reject_overflow and tokenizer.max_len == 48
-
-    def fits(prompt: str) -> bool:
-        try:
-            tokenizer.tokenize(prompt)
-        except ValidationError:
-            return False
-        return True
-
-    words = ["bowl"]
-    while fits(" ".join([*words, "bowl"])):
-        words.append("bowl")
-    longest = " ".join(words)
-    assert tokenizer.tokenize(longest)[1].sum() >= tokenizer.max_len - 2  # at the limit
+    assert not tokenizer.reject_overflow and tokenizer.max_len == 48
+    tokens, mask = tokenizer.tokenize(LONG_PROMPT)
+    assert mask.all()  # every position filled: cut at 48, BOS first
+    assert tokens[0] == tokenizer.bos_id
+    assert tokens.tolist() == [tokenizer.bos_id, *tokenizer.encode(LONG_PROMPT.strip())][:48]
     policy = clients.stock(pi0_server)
-    assert policy.infer(observation(0, prompt=longest))["actions"].shape == (50, 7)
-    with pytest.raises(RuntimeError, match="prompt: expected at most 48 tokens"):
-        policy.infer(observation(0, prompt=longest + " bowl"))
+    with caplog.at_level("WARNING", logger="latentpi.server.policy.tokenizer"):
+        actions = policy.infer(observation(0, prompt=LONG_PROMPT, noise_seed=3))["actions"]
+    assert "more than max_token_len 48: truncating" in caplog.text
+    # Words past the limit change nothing: the model saw the same 48 tokens.
+    longer = policy.infer(observation(0, prompt=LONG_PROMPT + " and more", noise_seed=3))
+    np.testing.assert_array_equal(longer["actions"], actions)
+
+
+def test_strict_prompts_refuse_what_does_not_fit() -> None:
+    from latentpi.server.engine_factory import build_engine
+    from latentpi.server.serving import serving_config
+
+    strict = build_engine(
+        serving_config("pi0_tiny"), ServerSettings(strict_prompts=True), warmup=False
+    )
+    assert strict.transform.tokenizer.reject_overflow
+    request = PolicyRequest.from_wire(observation(0, prompt=LONG_PROMPT))
+    with pytest.raises(ValidationError, match="prompt: expected at most 48 tokens"):
+        strict.prepare(request)
+    strict.prepare(PolicyRequest.from_wire(observation(0)))  # a prompt that fits is served
 
 
 @pytest.mark.parametrize(

@@ -48,8 +48,9 @@ def test_reads_openpi_layout(tmp_path: pathlib.Path) -> None:
     assert stats["state"].dim == 8 and stats["actions"].dim == 7
     for name, values in STATE.items():
         array = getattr(stats["state"], name)
-        assert array.dtype == np.float32
-        np.testing.assert_array_equal(array, np.asarray(values, np.float32))
+        # float64 as parsed, as openpi keeps them: a float32 copy would move normalized values.
+        assert array.dtype == np.float64
+        np.testing.assert_array_equal(array, np.asarray(values, np.float64))
     assert stats["actions"].q01 is None and stats["actions"].q99 is None
 
 
@@ -156,7 +157,7 @@ def test_asset_id_stays_inside_the_checkpoint(tmp_path: pathlib.Path, asset_id: 
 
 def test_dataclass_validates_and_is_frozen() -> None:
     stats = NormStats(mean=[0, 1], std=np.array([1.0, 2.0], np.float64))
-    assert stats.std.dtype == np.float32
+    assert stats.std.dtype == np.float64 and stats.mean.dtype == np.float64
     with pytest.raises(AttributeError):
         stats.mean = np.zeros(2)  # type: ignore[misc]
     with pytest.raises(NormStatsError, match="std: expected a 1-D array of numbers, received None"):

@@ -102,7 +102,8 @@ def test_state_is_normalized_per_variant_then_zero_padded_to_32(transform: Liber
         expected = (state - s.mean) / (s.std + EPS)
     else:
         expected = (state - s.q01) / (s.q99 - s.q01 + EPS) * 2 - 1
-    np.testing.assert_allclose(model_state[:8], expected, rtol=1e-6, atol=1e-6)
+    # float64 statistics, one cast at the end (as openpi): bit for bit, not merely close.
+    np.testing.assert_array_equal(model_state[:8], expected.astype(np.float32))
     assert not model_state[8:].any()
 
 
@@ -146,8 +147,13 @@ def test_pi0_delta_actions_round_trip(model_path: Path, norm_stats: dict[str, No
     model_actions = RNG.normal(size=(50, 32)).astype(np.float32)  # dims 7.. are padding noise
     model_actions[:, :7] = (delta - ACTION_STATS.mean) / (ACTION_STATS.std + EPS)
     actions = transform.outputs(model_actions, model_state)
-    assert actions.shape == (50, 7) and actions.dtype == np.float32
+    assert actions.shape == (50, 7) and actions.dtype == np.float64
     np.testing.assert_allclose(actions, target, atol=1e-5)
+    # openpi's arithmetic exactly: float32 model values against float64 statistics.
+    unnormalized = model_actions[:, :7] * (ACTION_STATS.std + EPS) + ACTION_STATS.mean
+    state_64 = model_state[:8] * (STATE_STATS.std + EPS) + STATE_STATS.mean
+    unnormalized[:, :6] += state_64[:6]
+    np.testing.assert_array_equal(actions, unnormalized)
     # The gripper dim ignores the state; the arm dims follow it.
     shifted = transform.inputs(image, wrist, state + 0.5, PROMPT)["state"]
     moved = transform.outputs(model_actions, shifted) - actions
@@ -183,9 +189,26 @@ def test_default_prompt_fills_a_missing_prompt(model_path: Path, norm_stats: dic
     np.testing.assert_array_equal(numpy_prompt["tokenized_prompt"], explicit["tokenized_prompt"])
 
 
+def test_float_and_channels_first_images_are_converted_as_openpi_does(
+    transform: LiberoPolicyTransform,
+):
+    image, wrist, state = request_arrays()
+    as_float = RNG.random((224, 224, 3), dtype=np.float32)
+    channels_first = np.ascontiguousarray(np.moveaxis(wrist, -1, 0))
+    inputs = transform.inputs(as_float, channels_first, state, PROMPT)
+    # openpi: (255 * x).astype(uint8), truncating; then (c, h, w) -> (h, w, c).
+    np.testing.assert_array_equal(inputs["image"]["base_0_rgb"], (255 * as_float).astype(np.uint8))
+    np.testing.assert_array_equal(inputs["image"]["left_wrist_0_rgb"], wrist)
+    both = np.moveaxis(image.astype(np.float64) / 255, -1, 0)
+    lenient = transform.inputs(both, wrist, state, PROMPT)["image"]["base_0_rgb"]
+    np.testing.assert_array_equal(lenient, (255 * (image / 255)).astype(np.uint8))
+
+
 BAD_REQUESTS = [
-    ("observation/image", {"image": np.zeros((224, 224, 3), np.float32)}),
-    ("observation/image", {"image": np.zeros((3, 224, 224), np.uint8)}),
+    ("observation/image", {"image": np.full((224, 224, 3), 1.5, np.float32)}),
+    ("observation/image", {"image": np.full((224, 224, 3), np.nan, np.float32)}),
+    ("observation/image", {"image": np.zeros((224, 224, 3), np.int32)}),
+    ("observation/image", {"image": np.zeros((4, 224, 224), np.uint8)}),
     ("observation/image", {"image": np.zeros((2000, 224, 3), np.uint8)}),
     ("observation/image", {"image": [[0, 1, 2]]}),
     ("observation/image", {"image": np.zeros((1, 300, 3), np.uint8)}),

@@ -12,18 +12,18 @@ from latentpi.server.norm_stats import NormStats, NormStatsError
 from latentpi.server.policy.normalize import EPS, Normalization, check_stats, normalize, unnormalize
 
 STATS = NormStats(
-    mean=np.array([0.0, 1.0, -2.0], np.float32),
-    std=np.array([2.0, 4.0, 0.0], np.float32),
-    q01=np.array([-1.0, 0.0, 5.0], np.float32),
-    q99=np.array([1.0, 10.0, 5.0], np.float32),
+    mean=np.array([0.0, 1.0, -2.0]),
+    std=np.array([2.0, 4.0, 0.0]),
+    q01=np.array([-1.0, 0.0, 5.0]),
+    q99=np.array([1.0, 10.0, 5.0]),
 )
 
 
 def test_zscore_matches_hand_computation_and_keeps_zero_std_finite():
     x = np.array([1.0, 2.0, -2.0])
     y = normalize(x, STATS, Normalization.ZSCORE, "state")
-    # The stats are float32, so std + eps is rounded to float32 (as in openpi).
-    np.testing.assert_allclose(y, [1 / (2 + EPS), 1 / (4 + EPS), 0.0], rtol=1e-7)
+    # float64 stats (as openpi keeps them): std + eps is exact to float64 rounding.
+    np.testing.assert_array_equal(y, [1 / (2 + EPS), 1 / (4 + EPS), 0.0])
     assert np.isfinite(normalize(np.array([0.0, 0.0, 1.0]), STATS, Normalization.ZSCORE, "s")).all()
 
 

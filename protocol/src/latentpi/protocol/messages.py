@@ -39,8 +39,9 @@ class PolicyRequest:
     `collect_latents=True` means the `DEFAULT_PRESET` spec.
     """
 
-    image: np.ndarray  # uint8 (H, W, 3), any size up to MAX_IMAGE_SIDE (the server resizes)
-    wrist_image: np.ndarray  # uint8 (H, W, 3)
+    image: np.ndarray  # uint8 (H, W, 3), any size up to MAX_IMAGE_SIDE (the server resizes);
+    # float [0, 1] and channels-first (3, H, W) are accepted as openpi's LIBERO policy accepts them
+    wrist_image: np.ndarray  # as image
     state: np.ndarray  # float (8,), finite
     prompt: str
     collect_latents: bool = False
@@ -109,16 +110,24 @@ class PolicyRequest:
 
 
 def _check_image(key: str, image: object) -> None:
-    expected = f"a uint8 array of shape (H, W, 3) with 1 <= H, W <= {MAX_IMAGE_SIDE}"
+    """uint8, or float pixels in [0, 1] (the server converts them as openpi does); channels last
+    (H, W, 3) or first (3, H, W)."""
+    expected = (
+        f"a uint8 or float array of shape (H, W, 3) or (3, H, W) with 1 <= H, W <= {MAX_IMAGE_SIDE}"
+    )
     if (
         not isinstance(image, np.ndarray)
-        or image.dtype != np.uint8
+        or image.dtype not in _IMAGE_DTYPES
         or image.ndim != 3
-        or image.shape[2] != 3
+        or 3 not in (image.shape[0], image.shape[2])
     ):
         raise ValidationError(key, expected, image)
-    if not (1 <= image.shape[0] <= MAX_IMAGE_SIDE and 1 <= image.shape[1] <= MAX_IMAGE_SIDE):
+    height, width = image.shape[1:] if image.shape[0] == 3 else image.shape[:2]
+    if not (1 <= height <= MAX_IMAGE_SIDE and 1 <= width <= MAX_IMAGE_SIDE):
         raise ValidationError(key, expected, image)
+
+
+_IMAGE_DTYPES = tuple(np.dtype(name) for name in ("uint8", "float16", "float32", "float64"))
 
 
 def _check_state(state: object) -> None:

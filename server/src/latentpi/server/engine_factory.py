@@ -79,7 +79,7 @@ def build_engine(
     transform = LiberoPolicyTransform(
         variant=config.model.variant,
         norm_stats=load_norm_stats_for(config),
-        tokenizer=load_tokenizer(config),
+        tokenizer=load_tokenizer(config, reject_overflow=settings.strict_prompts),
         action_horizon=config.model.action_horizon,
         max_token_len=config.model.max_token_len,
         action_dim=config.model.action_dim,

@@ -32,7 +32,10 @@ class NormStatsError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class NormStats:
-    """Per-dimension statistics of one quantity (`state`, `actions`): 1-D float32 arrays."""
+    """Per-dimension statistics of one quantity (`state`, `actions`): 1-D float64 arrays.
+
+    float64 as openpi keeps them (parsed from JSON): normalization then runs in float64 and only
+    the model's inputs are cast to float32, so every value is what openpi computes."""
 
     mean: np.ndarray
     std: np.ndarray
@@ -170,7 +173,7 @@ def _vector(name: str, value: Any) -> np.ndarray:
         )
     if (np.abs(array) > np.finfo(np.float32).max).any():
         raise NormStatsError(f"{name}: expected values within float32 range")
-    return array.astype(np.float32)
+    return array
 
 
 def _check_asset_id(asset_id: str) -> None:

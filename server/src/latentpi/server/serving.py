@@ -100,7 +100,9 @@ def tiny_norm_stats(state_dim: int = 8, action_dim: int = 7) -> dict[str, NormSt
     return {"state": stats(state_dim, 1.0), "actions": stats(action_dim, 0.3)}
 
 
-def load_tokenizer(config: ServingConfig, *, reject_overflow: bool = True) -> Any:
+def load_tokenizer(config: ServingConfig, *, reject_overflow: bool = False) -> Any:
+    """The config's tokenizer; prompts over max_token_len are truncated with a warning (openpi's
+    behaviour) unless `reject_overflow`."""
     from latentpi.server.policy.tokenizer import PromptTokenizer, train_tiny_tokenizer
 
     max_len = config.model.max_token_len

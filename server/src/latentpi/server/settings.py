@@ -28,6 +28,8 @@ class ServerSettings:
     batch_sizes: tuple[int, ...] = ()
     warmup_batch_sizes: tuple[int, ...] = (1,)  # compiled at start-up, with every warm-up spec
     warmup_specs: tuple[LatentSpec, ...] = ()  # beyond plain inference and the default preset
+    # Refuse prompts longer than max_token_len instead of truncating them (openpi truncates).
+    strict_prompts: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= 256:

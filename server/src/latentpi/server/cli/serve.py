@@ -59,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also compile this latent spec at start-up (a preset name or a JSON map); repeatable",
     )
     parser.add_argument(
+        "--strict-prompts",
+        action="store_true",
+        help="refuse prompts longer than the model's max_token_len (default: truncate and warn, as openpi)",
+    )
+    parser.add_argument(
         "--ready-file", type=Path, help="write {url, port, pid} as JSON here once serving"
     )
     parser.add_argument(
@@ -91,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             max_frame_bytes=args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES,
             warmup_batch_sizes=_batch_sizes(args.warmup_batch_sizes, args.max_batch),
             warmup_specs=tuple(_latent_spec(text) for text in args.warmup_latents),
+            strict_prompts=args.strict_prompts,
         )
     except ValueError as error:
         option, _, detail = str(error).partition(":")

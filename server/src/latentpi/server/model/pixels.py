@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-PIXEL_TO_MODEL: np.ndarray = (
-    np.arange(256, dtype=np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
-)
+PIXEL_TO_MODEL: np.ndarray = np.arange(256, dtype=np.float32) / np.float32(255.0) * np.float32(
+    2.0
+) - np.float32(1.0)
 PIXEL_TO_MODEL.setflags(write=False)
 
 

@@ -40,4 +40,3 @@ def resize_with_pad(
         new_height, new_width, image.shape[-1]
     )
     return canvas
-

@@ -80,12 +80,11 @@ class LiberoInputs:
 
     def _image(self, value: Any, field: str) -> np.ndarray:
         expected = (
-            f"uint8 array (height, width, 3), sides 1..{self.max_image_side}, "
-            f"aspect ratio at most {MODEL_IMAGE_SIZE}:1"
+            f"uint8 (height, width, 3) or float in [0, 1], channels last or first, sides "
+            f"1..{self.max_image_side}, aspect ratio at most {MODEL_IMAGE_SIZE}:1"
         )
-        if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 3:
-            raise ValidationError(field, expected, value)
-        height, width, channels = value.shape
+        image = _parse_image(value, field, expected)
+        height, width, channels = image.shape
         sides_ok = min(height, width) >= 1 and max(height, width) <= self.max_image_side
         # A thinner image would shrink to zero pixels across when resized to 224.
         if (
@@ -94,7 +93,24 @@ class LiberoInputs:
             or max(height, width) > MODEL_IMAGE_SIZE * min(height, width)
         ):
             raise ValidationError(field, expected, value)
-        return value
+        return image
+
+
+def _parse_image(value: Any, field: str, expected: str) -> np.ndarray:
+    """openpi's LIBERO leniency: float pixels in [0, 1] become uint8 as (255 · x) truncated, and
+    a leading axis of 3 means channels first. Floats outside [0, 1] are refused (openpi's cast
+    would wrap them into arbitrary pixels)."""
+    if not isinstance(value, np.ndarray) or value.ndim != 3:
+        raise ValidationError(field, expected, value)
+    if value.dtype.kind == "f" and value.dtype.itemsize in (2, 4, 8):
+        if not (
+            np.isfinite(value).all() and value.min(initial=0) >= 0 and value.max(initial=0) <= 1
+        ):
+            raise ValidationError(field, expected, "a float image with values outside [0, 1]")
+        value = (255 * value).astype(np.uint8)
+    elif value.dtype != np.uint8:
+        raise ValidationError(field, expected, value)
+    return np.moveaxis(value, 0, -1) if value.shape[0] == 3 else value
 
 
 def _state(value: Any) -> np.ndarray:
@@ -207,10 +223,11 @@ class LiberoPolicyTransform:
         return _t.apply(self.input_transforms(), request)
 
     def outputs(self, actions: np.ndarray, model_state: np.ndarray) -> np.ndarray:
-        """LIBERO actions float32 (action_horizon, 7) from the model's (action_horizon, action_dim).
+        """LIBERO actions float64 (action_horizon, 7) from the model's (action_horizon, action_dim).
 
         `model_state` is the `state` of this request's model inputs (normalized and padded), as in
-        openpi, where the state is un-normalized alongside the actions.
+        openpi, where the state is un-normalized alongside the actions. float64, as openpi sends
+        them: its float64 statistics make every un-normalized value float64.
         """
         actions, model_state = np.asarray(actions), np.asarray(model_state)
         if actions.shape != (self.action_horizon, self.action_dim):
@@ -220,4 +237,4 @@ class LiberoPolicyTransform:
         if model_state.shape != (self.action_dim,):
             raise ValidationError("model_state", f"shape ({self.action_dim},)", model_state)
         data = _t.apply(self.output_transforms(), {"actions": actions, "state": model_state})
-        return data["actions"].astype(np.float32)
+        return np.asarray(data["actions"], np.float64)
