@@ -13,13 +13,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 
-from latentpi.client.collect import CollectOptions, collect
-from latentpi.client.collect.events import EpisodeDone, Event
+from latentpi.client.collect import CollectOptions, collect, plan_tasks
+from latentpi.client.collect.events import EpisodeDone, EpisodeRedone, Event
+from latentpi.client.collect.run import make_jobs
+from latentpi.client.collect.seeding import episode_seed, query_noise_seed
+from latentpi.client.collect.task import collect_task
+from latentpi.client.libero_env import make_env
 from latentpi.client.policy_client import LatentpiPolicyClient, ServerRejected
 from latentpi.client.server_process import EmbeddedServer
 from latentpi.client.storage import TaskFile, completed_episodes
@@ -376,3 +381,117 @@ def test_server_lost_mid_run_is_retried_and_the_episode_redone(
     assert "redone after a lost connection" in stdout
     (path,) = task_files(out)
     check_task_file(path, server.metadata(), PRESETS["default"], [0, 1])
+
+
+# -- the episode as the unit: the same scene and actions alone, after a resume, after a retry ----
+# libero_goal: its fixtures move with the env seed (libero_object's do not, so it cannot tell).
+GOAL = {"suite": "libero_goal", "tasks": "0", "save_images": True}
+
+
+def episode_record(path: Path, index: int) -> dict[str, object]:
+    """Everything episode `index` holds: attributes that must repeat and every array."""
+    with TaskFile(path) as task:
+        episode = task.episode(index)
+        record: dict[str, object] = {
+            key: episode.attrs[key]
+            for key in ("env_seed", "seed", "init_state_idx", "total_steps", "num_queries")
+        }
+        for name in episode.names:
+            record[name] = episode[name][()]
+    return record
+
+
+def assert_same_episode(got: dict[str, object], expected: dict[str, object]) -> None:
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
+        else:
+            assert got[key] == value, key
+
+
+class FailingEnv:
+    """The real env, raising at policy step `at` of the resets numbered in `fail_on` (counted over
+    every env the factory built: the collector rebuilds the env after a simulation error)."""
+
+    def __init__(self, env: Any, resets: list[int], fail_on: set[int], at: int) -> None:
+        self.env, self.resets, self.fail_on, self.at, self.steps = env, resets, fail_on, at, 0
+
+    def reset(self) -> Any:
+        self.resets.append(1)
+        self.steps = 0
+        return self.env.reset()
+
+    def step(self, action: list[float]) -> Any:
+        self.steps += 1
+        if len(self.resets) in self.fail_on and self.steps == self.at:
+            raise RuntimeError("injected simulation failure")
+        return self.env.step(action)
+
+    def __getattr__(self, name: str) -> Any:  # seed, set_init_state, get_sim_state, close
+        return getattr(self.env, name)
+
+
+def test_an_episode_is_the_same_alone_after_a_resume_and_after_a_retry(
+    server: SharedServer, tmp_path: Path
+) -> None:
+    full = options(tmp_path / "full", server, trials=2, **GOAL)
+    collect(full, progress=False)
+    (path,) = task_files(tmp_path / "full", "libero_goal")
+    reference = {k: episode_record(path, k) for k in range(2)}
+    for k, record in reference.items():
+        assert record["env_seed"] == episode_seed(7, "libero_goal", 0, k)
+        seeds = [query_noise_seed(7, "libero_goal", 0, k, q) for q in range(MAX_STEPS // 5)]
+        np.testing.assert_array_equal(record["replay/query_noise_seeds"], seeds)
+        assert np.asarray(record["replay/executed_actions"]).shape == (MAX_STEPS, 7)
+        assert np.asarray(record["replay/query_sim_states"]).shape[0] == MAX_STEPS // 5
+    # the two scenes differ (else nothing below could fail)
+    assert not np.array_equal(reference[0]["images/image"], reference[1]["images/image"])
+
+    # episode 1 alone in a fresh folder (its env's first reset), then a resume runs episode 0
+    alone = tmp_path / "alone"
+    collect(replace(full, out=alone, episodes="1"), progress=False)
+    (alone_path,) = task_files(alone, "libero_goal")
+    assert completed_episodes(alone_path) == {1}
+    assert_same_episode(episode_record(alone_path, 1), reference[1])
+    collect(replace(full, out=alone), progress=False)
+    for k in range(2):
+        assert_same_episode(episode_record(alone_path, k), reference[k])
+
+    # episode 0 fails once (redone on a fresh env: the same), episode 1 every time (recorded)
+    retried = replace(full, out=tmp_path / "retried")
+    spec, tasks = plan_tasks(retried)
+    resets: list[int] = []
+    events: list[Event] = []
+
+    def factory(task: Any) -> FailingEnv:
+        return FailingEnv(make_env(task), resets, fail_on={1, 3, 4}, at=3 + 4)
+
+    with LatentpiPolicyClient(server.url, KEY) as client:
+        (job,) = make_jobs(retried, spec, tasks, client.metadata)
+        collect_task(job, client, events.append, env_factory=factory)
+    assert len(resets) == 4
+    (retried_path,) = task_files(tmp_path / "retried", "libero_goal")
+    assert_same_episode(episode_record(retried_path, 0), reference[0])
+    failed = episode_record(retried_path, 1)
+    with TaskFile(retried_path) as task:
+        assert task.episode(1).attrs["error"] == "RuntimeError: injected simulation failure"
+        assert task.episode(1).success is False
+    assert failed["total_steps"] == 4 - 1  # the 4th policy step raised
+    np.testing.assert_array_equal(failed["images/image"], reference[1]["images/image"][:1])
+    np.testing.assert_array_equal(failed["actions"], reference[1]["actions"][:1])
+    redone = [e for e in events if isinstance(e, EpisodeRedone)]
+    assert [(e.episode_idx, e.reason.startswith("simulation error")) for e in redone] == [
+        (0, True),
+        (1, True),
+    ]
+    done = [e for e in events if isinstance(e, EpisodeDone)]
+    assert [(e.episode_idx, e.error is not None) for e in done] == [(0, False), (1, True)]
+    # the success table of the first run, written next to its task files
+    table = json.loads((tmp_path / "full" / "libero_goal" / "success.json").read_text())
+    assert [(row["task_id"], row["episodes"], row["errors"]) for row in table] == [
+        (0, 2, 0),
+        ("all", 2, 0),
+    ]
+    csv_lines = (tmp_path / "full" / "libero_goal" / "success.csv").read_text().splitlines()
+    assert csv_lines[0] == "task_id,task_name,episodes,successes,success_rate,errors,file"

@@ -7,14 +7,25 @@ server; each case must return within seconds (no model load, no environment) and
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from latentpi.cli import main
 from latentpi.client.collect import task_range
-from latentpi.client.collect.options import CollectOptions, check_options, load_latent_spec
+from latentpi.client.collect.options import (
+    CollectOptions,
+    check_options,
+    load_latent_spec,
+    option_warnings,
+    select_tasks,
+)
+from latentpi.client.collect.run import model_identity
+from latentpi.client.collect.seeding import episode_seed, query_noise_seed
 from latentpi.protocol import ValidationError
 from latentpi.protocol.latent_spec import PRESETS, LatentSpec
 
@@ -132,3 +143,116 @@ def test_cli_unwritable_out(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     code, err = run(capsys, "--suite", "libero_object", "--out", str(blocker / "out"))
     assert code == 2
     assert "latentpi collect: --out: expected a writable folder" in err
+
+
+# -- issue 11: horizon, episodes, task names, warnings, model identity, client-only installs ------
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"max_steps": 991}, r"--max-steps: expected at most 990 \(LIBERO's env horizon 1000"),
+        ({"max_steps": 900, "num_steps_wait": 101}, r"--max-steps: expected at most 899"),
+        ({"suite": "libero_10", "num_steps_wait": 481}, r"--max-steps: expected at most 519"),
+        ({"trials": 3, "episodes": "3"}, r"--episodes: expected A:B or A with episode indices"),
+        ({"error_retries": -1}, r"error_retries: expected an integer >= 0"),
+    ],
+)
+def test_what_the_env_would_refuse_mid_run_is_refused_first(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    fields = {"suite": "libero_object", "out": tmp_path, **change}
+    with pytest.raises(ValidationError, match=message):
+        check_options(CollectOptions(**fields))  # type: ignore[arg-type]
+    check_options(CollectOptions(suite="libero_object", out=tmp_path, max_steps=990))
+
+
+def test_tasks_by_name_range_and_id() -> None:
+    names = ["open_the_drawer", "turn_on_the_stove", "put_the_bowl_on_the_plate", "push_the_plate"]
+    assert select_tasks(None, names) == [0, 1, 2, 3]
+    assert select_tasks("turn_on_the_stove", names) == [1]
+    assert select_tasks("push_the_plate, 0:2, 1", names) == [3, 0, 1]
+    assert select_tasks("-1", names) == [3]
+    with pytest.raises(ValidationError, match=r"--tasks: expected task ids .* or task names"):
+        select_tasks("open_the_door", names)
+
+
+def test_warnings_for_arguments_that_are_valid_but_likely_wrong(tmp_path: Path) -> None:
+    options = CollectOptions(suite="libero_goal", out=tmp_path, stride=2, workers=4)
+    found = option_warnings(options, num_tasks=2)
+    assert any("--stride 2 < --replan-steps 5" in warning for warning in found)
+    assert any("--workers 4 > 2 task(s)" in warning for warning in found)
+    assert option_warnings(CollectOptions(suite="libero_goal", out=tmp_path), 10) == []
+
+
+def test_episode_arguments_cover_what_changes_an_episode(tmp_path: Path) -> None:
+    base = CollectOptions(suite="libero_goal", out=tmp_path)
+    changes = {
+        "seed": 8, "max_steps": 100, "stride": 10, "replan_steps": 4, "num_steps_wait": 5,
+        "save_images": True,
+    }  # fmt: skip
+    for name, value in changes.items():
+        changed = replace(base, **{name: value})
+        assert changed.episode_arguments() != base.episode_arguments(), name
+    # what does not change an episode is not part of it
+    for name, value in {"trials": 3, "workers": 2, "compression": "gzip", "tasks": "1"}.items():
+        assert replace(base, **{name: value}).episode_arguments() == base.episode_arguments()
+
+
+def test_servers_that_name_no_model_are_told_apart_by_their_metadata() -> None:
+    first = {"model": None, "token_layout": {"expert_0": {"prompt": [0, 48]}}}
+    second = {"model": None, "token_layout": {"expert_0": {"prompt": [0, 200]}}}
+    assert model_identity(first) != model_identity(second)
+    assert model_identity(first) == model_identity(dict(first))
+    assert all("unnamed" in value for value in model_identity({}))
+    named = {"model": "pi0", "config": {"name": "pi0_libero", "checkpoint": "gs://x"}}
+    assert model_identity(named) == ("pi0_libero", "gs://x")
+
+
+def test_seeds_derive_from_what_the_episode_is() -> None:
+    seed = episode_seed(7, "libero_goal", 0, 2)
+    assert seed == episode_seed(7, "libero_goal", 0, 2) and 0 <= seed < 2**32
+    others = {
+        episode_seed(8, "libero_goal", 0, 2),
+        episode_seed(7, "libero_spatial", 0, 2),
+        episode_seed(7, "libero_goal", 1, 2),
+        episode_seed(7, "libero_goal", 0, 3),
+    }
+    assert seed not in others and len(others) == 4
+    noise = [query_noise_seed(7, "libero_goal", 0, 2, query) for query in range(50)]
+    assert len(set(noise)) == 50 and all(0 <= value < 2**63 for value in noise)
+    assert noise[0] != query_noise_seed(7, "libero_goal", 0, 3, 0)
+    # the derivation is part of the data format: it must not change silently
+    assert seed == GOLDEN_EPISODE_SEED and noise[0] == GOLDEN_NOISE_SEED
+
+
+GOLDEN_EPISODE_SEED = 4033369378
+GOLDEN_NOISE_SEED = 1332424944494443565
+
+
+# A client-only install: `latentpi.server` cannot be imported (as on a machine with latentpi-client
+# alone); the default embedded server must be refused while the arguments are checked.
+CLIENT_ONLY = """
+import importlib.abc, sys
+class NoServer(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "latentpi.server" or name.startswith("latentpi.server."):
+            raise ModuleNotFoundError(name)
+        return None
+sys.meta_path.insert(0, NoServer())
+from latentpi.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_client_only_install_without_server_is_a_clear_argument_error(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", CLIENT_ONLY, "collect", "--suite", "libero_goal", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "latentpi collect: --server: expected ws://HOST:PORT of a running policy server" in (
+        done.stderr
+    )
+    assert "client-only install" in done.stderr and "Traceback" not in done.stderr

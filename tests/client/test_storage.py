@@ -286,3 +286,55 @@ def test_consolidate_then_extend_then_consolidate(
         assert [e.index for e in task.episodes] == [0, 1, 2]
         np.testing.assert_array_equal(task.episode(2)["actions"][1], make_sample(2, 1).actions)
     assert not path.with_name(path.name + ".d").exists()
+
+
+def test_failed_episode_keeps_its_error_seed_and_replay_data(path: Path) -> None:
+    replay = {
+        "executed_actions": np.arange(21, dtype=np.float64).reshape(3, 7),
+        "query_noise_seeds": np.array([2**62 + 1], np.int64),
+        "query_sim_states": np.linspace(0, 1, 2 * 9).reshape(2, 9),
+    }
+    result = EpisodeResult(
+        False, 3, 1, 1, 0.5, 0, error="ValueError: unstable simulation", env_seed=2**32 - 1,
+        replay=replay,
+    )  # fmt: skip
+    with TaskWriter(path, header()) as writer:
+        with writer.episode(0, init_state_idx=0, seed=7) as out:
+            out.add(make_sample(0, 0))
+            out.finish(result)
+        writer.close(consolidate=True)
+    with TaskFile(path) as task:
+        (episode,) = task.episodes
+        assert episode.attrs["error"] == "ValueError: unstable simulation"
+        assert episode.attrs["env_seed"] == 2**32 - 1 and episode.success is False
+        for name, array in replay.items():
+            np.testing.assert_array_equal(episode[f"replay/{name}"][()], array)
+
+
+def test_resume_with_other_episode_arguments_is_refused(path: Path) -> None:
+    arguments = {"seed": 7, "stride": 5, "max_steps": 300, "replan_steps": 5, "num_steps_wait": 10}
+    with TaskWriter(path, header(episode_arguments=arguments)) as writer:
+        write_episode(writer, 0)
+    for name, value in (("stride", 10), ("seed", 8), ("num_steps_wait", 3)):
+        changed = header(episode_arguments={**arguments, name: value})
+        with pytest.raises(ValidationError, match=r"root attribute episode_arguments: expected"):
+            TaskWriter(path, changed)
+    with TaskWriter(path, header(episode_arguments=arguments)) as writer:
+        assert writer.completed == {0}
+
+
+def test_the_file_keeps_the_history_of_runs(path: Path) -> None:
+    first, second = header(arguments={"trials": 1}), header(arguments={"trials": 2})
+    with TaskWriter(path, first) as writer:
+        write_episode(writer, 0)
+    with TaskWriter(path, first):  # the same run reopening the file is not a new entry
+        pass
+    with TaskWriter(path, second) as writer:
+        write_episode(writer, 1)
+        writer.close(consolidate=True)
+    with TaskFile(path) as task:
+        runs = task.attrs["runs"]
+        assert [run["run_id"] for run in runs] == [first.run_id, second.run_id]
+        assert [run["arguments"]["trials"] for run in runs] == [1, 2]
+        assert task.attrs["arguments"] == {"trials": 2}  # the latest run's
+        assert {"h5py", "numpy"} <= set(runs[0]["versions"])

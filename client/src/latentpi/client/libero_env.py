@@ -38,6 +38,18 @@ DUMMY_ACTION: tuple[float, ...] = (0.0,) * 6 + (-1.0,)  # hold still, gripper op
 ENV_RESOLUTION = 256  # what the training data was rendered at
 POLICY_RESOLUTION = 224
 GL_BACKENDS = ("egl", "osmesa", "glx")
+# LIBERO's env arguments as openpi's example leaves them (ControlEnv's defaults), passed explicitly
+# and stored with every task file so a rollout can be rebuilt. `horizon`: env steps per reset
+# (settle steps included); stepping past it raises ValueError.
+ENV_HORIZON = 1000
+ENV_DEFAULTS: dict[str, Any] = {
+    "robots": ["Panda"],
+    "controller": "OSC_POSE",
+    "control_freq": 20,
+    "horizon": ENV_HORIZON,
+    "hard_reset": True,
+    "camera_names": ["agentview", "robot0_eye_in_hand"],
+}
 
 
 def configure_environment(environ: MutableMapping[str, str] | None = None) -> None:
@@ -159,12 +171,16 @@ def _read_init_states(path: Path) -> np.ndarray:
     return states
 
 
+def env_arguments(resolution: int = ENV_RESOLUTION) -> dict[str, Any]:
+    """OffScreenRenderEnv's arguments besides the bddl file (stored as the task's `env_args`)."""
+    return {**ENV_DEFAULTS, "camera_heights": resolution, "camera_widths": resolution}
+
+
 def make_env(task: TaskInfo, resolution: int = ENV_RESOLUTION, seed: int = 7) -> Any:
-    """An OffScreenRenderEnv for the task, seeded (the seed moves objects even with a fixed init state)."""
+    """An OffScreenRenderEnv for the task, seeded (the seed moves objects even with a fixed init
+    state: reseed right before each episode's reset for episodes that do not depend on each other)."""
     _, _, env_class = import_libero()
-    env = env_class(
-        bddl_file_name=task.bddl_file, camera_heights=resolution, camera_widths=resolution
-    )
+    env = env_class(bddl_file_name=task.bddl_file, **env_arguments(resolution))
     env.seed(seed)
     return env
 

@@ -12,7 +12,8 @@ multiple of `replan_steps` (the usual case) that is exactly t % stride == 0; `st
 samples every query. A sample holds t (as `timesteps`), the whole returned chunk, the state sent,
 the latents by name with their layouts (axes, and labels: which layers, steps, segments) and,
 optionally, the two images sent. Samples go to `on_sample` as they arrive; nothing is kept here.
-Exceptions (policy, env) propagate: the caller decides whether an episode is retried.
+The policy's exceptions propagate; the environment's raise `SimulationError` with the episode so
+far: the caller decides whether an episode is retried or recorded as failed.
 """
 
 from __future__ import annotations
@@ -63,6 +64,53 @@ class EpisodeResult:
     num_samples: int
     duration_s: float
     init_state_idx: int
+    error: str | None = None  # set when the simulation raised: the episode counts as failed
+    env_seed: int | None = None  # the `env.seed` given right before this episode's reset
+    # what a replay needs (see `Trace`): executed actions per step, per-query seeds and MuJoCo states
+    replay: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False)
+
+
+class SimulationError(RuntimeError):
+    """The environment raised during an episode; `result` is the episode so far (`error` set)."""
+
+    def __init__(self, result: EpisodeResult) -> None:
+        super().__init__(result.error)
+        self.result = result
+
+
+class _EnvFailed(Exception):
+    """Internal: an exception raised by the environment (not by the policy)."""
+
+
+def _sim(call: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return call(*args)
+    except Exception as error:
+        raise _EnvFailed(f"{type(error).__name__}: {error}") from error
+
+
+@dataclass
+class Trace:
+    """An episode's replay data, filled while it runs."""
+
+    executed_actions: list[np.ndarray] = field(default_factory=list)  # one (7,) per policy step
+    query_timesteps: list[int] = field(default_factory=list)
+    query_noise_seeds: list[int] = field(default_factory=list)  # -1: none sent
+    query_sampled: list[bool] = field(default_factory=list)
+    query_sim_states: list[np.ndarray] = field(default_factory=list)  # MuJoCo state before a query
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {
+            "executed_actions": np.asarray(self.executed_actions, np.float64).reshape(
+                -1, ACTION_DIM
+            ),
+            "query_timesteps": np.asarray(self.query_timesteps, np.int32),
+            "query_noise_seeds": np.asarray(self.query_noise_seeds, np.int64),
+            "query_sampled": np.asarray(self.query_sampled, np.bool_),
+        }
+        if self.query_sim_states:
+            out["query_sim_states"] = np.stack(self.query_sim_states).astype(np.float64)
+        return out
 
 
 def is_sampled(step: int, stride: int, replan_steps: int) -> bool:
@@ -85,8 +133,15 @@ def run_episode(
     on_sample: Callable[[Sample], None] | None = None,
     init_states: np.ndarray | None = None,
     resolution: int = POLICY_RESOLUTION,
+    env_seed: int | None = None,
+    noise_seed: Callable[[int], int] | None = None,
 ) -> EpisodeResult:
-    """Run one episode from init state `init_state_idx` (see the module doc for steps and sampling)."""
+    """Run one episode from init state `init_state_idx` (see the module doc for steps and sampling).
+
+    `env_seed`: `env.seed(env_seed)` right before the reset, so the scene does not depend on what
+    the env did before. `noise_seed(query_idx)`: the `noise_seed` sent with each query. An exception
+    from the environment raises `SimulationError` carrying the episode so far; the policy's own
+    exceptions propagate as they are."""
     _check_positive("stride", stride)
     _check_positive("replan_steps", replan_steps)
     max_steps = task.max_steps if max_steps is None else max_steps
@@ -96,42 +151,101 @@ def run_episode(
             "init_state_idx", f"an integer in [0, {len(init_states) - 1}]", init_state_idx
         )
     spec = preset(latent_spec) if isinstance(latent_spec, str) else latent_spec
+    episode = _Episode(env, task, policy, spec, stride, replan_steps, record_images, on_sample)
+    episode.noise_seed, episode.resolution = noise_seed, resolution
+    try:
+        episode.start(init_states[init_state_idx], env_seed, num_steps_wait)
+        episode.run(max_steps)
+    except _EnvFailed as error:
+        raise SimulationError(episode.result(init_state_idx, env_seed, str(error))) from error
+    return episode.result(init_state_idx, env_seed)
 
-    start = time.monotonic()
-    env.reset()
-    obs = env.set_init_state(init_states[init_state_idx])
-    for _ in range(num_steps_wait):
-        obs, _, _, _ = env.step(list(DUMMY_ACTION))
 
-    plan: collections.deque[np.ndarray] = collections.deque()
-    success, step, queries, samples = False, 0, 0, 0
-    while step < max_steps:
-        if not plan:
-            observation = LiberoObservation.from_env(obs, resolution)
-            sampled = is_sampled(step, stride, replan_steps)
-            request = observation.to_request(task.instruction)
-            if sampled:
-                request |= {"collect_latents": True, "latent_spec": spec.to_wire()}
-            response = _parse(policy.infer(request), replan_steps)
-            queries += 1
-            if sampled:
-                samples += 1
-                if on_sample is not None:
-                    on_sample(_sample(step, response, observation, record_images))
-            plan.extend(response.actions[:replan_steps])
-        obs, _, done, _ = env.step(plan.popleft().tolist())
-        step += 1
-        if bool(done):
-            success = True
-            break
-    return EpisodeResult(
-        success=success,
-        total_steps=step,
-        num_queries=queries,
-        num_samples=samples,
-        duration_s=time.monotonic() - start,
-        init_state_idx=init_state_idx,
-    )
+class _Episode:
+    """The running state of one episode (counters, action plan, replay trace)."""
+
+    def __init__(
+        self,
+        env: Any,
+        task: TaskInfo,
+        policy: Policy,
+        spec: LatentSpec,
+        stride: int,
+        replan_steps: int,
+        record_images: bool,
+        on_sample: Callable[[Sample], None] | None,
+    ) -> None:
+        self.env, self.task, self.policy, self.spec = env, task, policy, spec
+        self.stride, self.replan_steps = stride, replan_steps
+        self.record_images, self.on_sample = record_images, on_sample
+        self.noise_seed: Callable[[int], int] | None = None
+        self.resolution = POLICY_RESOLUTION
+        self.trace = Trace()
+        self.plan: collections.deque[np.ndarray] = collections.deque()
+        self.success, self.step, self.queries, self.samples = False, 0, 0, 0
+        self.begin = time.monotonic()
+        self.obs: Any = None
+
+    def start(self, init_state: np.ndarray, env_seed: int | None, num_steps_wait: int) -> None:
+        if env_seed is not None:
+            _sim(self.env.seed, env_seed)
+        _sim(self.env.reset)
+        self.obs = _sim(self.env.set_init_state, init_state)
+        for _ in range(num_steps_wait):
+            self.obs, _, _, _ = _sim(self.env.step, list(DUMMY_ACTION))
+
+    def run(self, max_steps: int) -> None:
+        while self.step < max_steps:
+            if not self.plan:
+                self.query()
+            action = self.plan.popleft()
+            self.trace.executed_actions.append(np.asarray(action, np.float64))
+            self.obs, _, done, _ = _sim(self.env.step, action.tolist())
+            self.step += 1
+            if bool(done):
+                self.success = True
+                break
+
+    def query(self) -> None:
+        observation = LiberoObservation.from_env(self.obs, self.resolution)
+        sampled = is_sampled(self.step, self.stride, self.replan_steps)
+        request = observation.to_request(self.task.instruction)
+        if sampled:
+            request |= {"collect_latents": True, "latent_spec": self.spec.to_wire()}
+        seed = self.noise_seed(self.queries) if self.noise_seed is not None else None
+        if seed is not None:
+            request["noise_seed"] = int(seed)
+        self._trace_query(sampled, seed)
+        response = _parse(self.policy.infer(request), self.replan_steps)
+        self.queries += 1
+        if sampled:
+            self.samples += 1
+            if self.on_sample is not None:
+                self.on_sample(_sample(self.step, response, observation, self.record_images))
+        self.plan.extend(response.actions[: self.replan_steps])
+
+    def _trace_query(self, sampled: bool, seed: int | None) -> None:
+        self.trace.query_timesteps.append(self.step)
+        self.trace.query_noise_seeds.append(-1 if seed is None else int(seed))
+        self.trace.query_sampled.append(sampled)
+        get_state = getattr(self.env, "get_sim_state", None)
+        if get_state is not None:
+            self.trace.query_sim_states.append(np.asarray(_sim(get_state), np.float64))
+
+    def result(
+        self, init_state_idx: int, env_seed: int | None, error: str | None = None
+    ) -> EpisodeResult:
+        return EpisodeResult(
+            success=self.success,
+            total_steps=self.step,
+            num_queries=self.queries,
+            num_samples=self.samples,
+            duration_s=time.monotonic() - self.begin,
+            init_state_idx=init_state_idx,
+            error=error,
+            env_seed=env_seed,
+            replay=self.trace.arrays(),
+        )
 
 
 def _check_positive(name: str, value: int) -> None:

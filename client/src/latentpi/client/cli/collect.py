@@ -21,10 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tasks",
         default=None,
-        help="task ids, Python-style A:B (end excluded) or A (default: all)",
+        help="task ids (Python-style A:B, end excluded, or A) or task names, comma-separated "
+        "(default: all)",
     )
     parser.add_argument(
         "--trials", type=int, default=50, help="episodes per task (init states 0..N-1)"
+    )
+    parser.add_argument(
+        "--episodes",
+        default=None,
+        help="only these of the trials, A:B or A (default: all); episode k is the same whichever run does it",
     )
     parser.add_argument(
         "--max-steps",
@@ -57,7 +63,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--latents", default="default", help="a preset name or a spec.json file (default: default)"
     )
-    parser.add_argument("--seed", type=int, default=7, help="environment seed (openpi: 7)")
+    parser.add_argument(
+        "--replan-steps", type=int, default=5, help="actions executed per query (openpi: 5)"
+    )
+    parser.add_argument(
+        "--num-steps-wait",
+        type=int,
+        default=10,
+        help="settle steps with the dummy action before the first query (openpi: 10)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=7,
+        help="run seed: each episode's env seed and noise seeds derive from it (default 7)",
+    )
+    parser.add_argument(
+        "--error-retries",
+        type=int,
+        default=1,
+        help="times an episode whose simulation raised is redone before it is recorded as failed",
+    )
     parser.add_argument("--save-images", action="store_true", help="also store the images sent")
     parser.add_argument(
         "--retry-timeout", type=float, default=300.0, help="seconds to wait for a lost server"
@@ -81,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         tasks=args.tasks,
         trials=args.trials,
+        episodes=args.episodes,
         max_steps=args.max_steps,
         stride=args.stride,
         server=args.server,
@@ -89,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         latents=args.latents,
         seed=args.seed,
+        replan_steps=args.replan_steps,
+        num_steps_wait=args.num_steps_wait,
+        error_retries=args.error_retries,
         save_images=args.save_images,
         retry_timeout_s=args.retry_timeout,
         compression=args.compression,

@@ -12,6 +12,7 @@ class EpisodeDone:
     success: bool
     env_steps: int  # settle period included: the simulation work done
     duration_s: float
+    error: str | None = None  # the simulation raised: recorded as a failed episode
 
 
 @dataclass(frozen=True)

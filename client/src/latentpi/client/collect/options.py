@@ -7,6 +7,7 @@ seconds, naming the argument, instead of after a model has loaded.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentpi.client.libero_env import MAX_STEPS, SUITES
+from latentpi.client.collect.seeding import SEEDING_SCHEME
+from latentpi.client.libero_env import ENV_HORIZON, ENV_RESOLUTION, MAX_STEPS, SUITES
 from latentpi.protocol.errors import ValidationError
 from latentpi.protocol.latent_spec import PRESETS, LatentSpec
 
@@ -31,6 +33,7 @@ class CollectOptions:
     out: Path
     tasks: str | None = None  # "A:B", Python-style; None = every task of the suite
     trials: int = 50
+    episodes: str | None = None  # "A:B" or "A": only these of the trials (None = all of them)
     max_steps: int | None = None  # None = the suite's (openpi's) horizon
     stride: int = 5
     server: str = EMBEDDED  # "embedded" or ws://HOST:PORT
@@ -43,6 +46,7 @@ class CollectOptions:
     replan_steps: int = 5
     num_steps_wait: int = 10
     episode_retries: int = 3  # an episode cut by a lost connection is redone this many times
+    error_retries: int = 1  # an episode whose simulation raised is redone this often, then failed
     retry_timeout_s: float = 300.0  # how long a lost server is waited for (backoff)
     compression: str = "lzf"
 
@@ -60,6 +64,7 @@ class CollectOptions:
             "suite": self.suite,
             "tasks": self.tasks,
             "trials": self.trials,
+            "episodes": self.episodes,
             "max_steps": self.horizon,
             "stride": self.stride,
             "out": str(self.out),
@@ -72,6 +77,19 @@ class CollectOptions:
             "replan_steps": self.replan_steps,
             "num_steps_wait": self.num_steps_wait,
             "compression": self.compression,
+        }
+
+    def episode_arguments(self) -> dict[str, Any]:
+        """What makes episode k what it is: a resumed run must give the same (the file's identity)."""
+        return {
+            "seed": self.seed,
+            "seeding": SEEDING_SCHEME,
+            "max_steps": self.horizon,
+            "stride": self.stride,
+            "replan_steps": self.replan_steps,
+            "num_steps_wait": self.num_steps_wait,
+            "save_images": self.save_images,
+            "env_resolution": ENV_RESOLUTION,
         }
 
 
@@ -87,10 +105,90 @@ def check_options(options: CollectOptions) -> LatentSpec:
         _positive("--max-steps", options.max_steps)
     if not isinstance(options.num_steps_wait, int) or options.num_steps_wait < 0:
         raise ValidationError("--num-steps-wait", "an integer >= 0", options.num_steps_wait)
+    if not isinstance(options.error_retries, int) or options.error_retries < 0:
+        raise ValidationError("error_retries", "an integer >= 0", options.error_retries)
+    _check_horizon(options)
+    episode_range(options)
     if not options.embedded and not options.server.startswith(("ws://", "wss://")):
         raise ValidationError("--server", f"a ws:// or wss:// URL or '{EMBEDDED}'", options.server)
+    if options.embedded and not embedded_server_installed():
+        raise ValidationError(
+            "--server",
+            "ws://HOST:PORT of a running policy server (this is a client-only install: the "
+            "embedded server needs latentpi-server, `scripts/install.sh all`)",
+            "nothing (embedded, the default)",
+        )
     check_writable(options.out)
     return load_latent_spec(options.latents)
+
+
+def _check_horizon(options: CollectOptions) -> None:
+    """LIBERO's env raises past ENV_HORIZON env steps (settle steps included): refuse it here,
+    not in the middle of every episode."""
+    if options.horizon + options.num_steps_wait > ENV_HORIZON:
+        raise ValidationError(
+            "--max-steps",
+            f"at most {ENV_HORIZON - options.num_steps_wait} (LIBERO's env horizon {ENV_HORIZON} "
+            f"env steps minus {options.num_steps_wait} settle steps)",
+            options.horizon,
+        )
+
+
+def episode_range(options: CollectOptions) -> range:
+    """The trials this run does: all of them, or `--episodes A:B` of them (same syntax as --tasks)."""
+    try:
+        return task_range(options.episodes, options.trials)
+    except ValidationError:
+        raise ValidationError(
+            "--episodes",
+            f"A:B or A with episode indices in [0, {options.trials}) (--trials {options.trials})",
+            options.episodes,
+        ) from None
+
+
+def embedded_server_installed() -> bool:
+    """Whether `latentpi serve` can run here (a client-only install has no latentpi.server)."""
+    try:
+        return importlib.util.find_spec("latentpi.server") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def option_warnings(options: CollectOptions, num_tasks: int) -> list[str]:
+    """Arguments that are valid but probably not what was meant."""
+    found = []
+    if options.stride < options.replan_steps:
+        found.append(
+            f"--stride {options.stride} < --replan-steps {options.replan_steps}: latents are "
+            "collected once per query (every query is sampled), not every stride steps"
+        )
+    if options.workers > num_tasks:
+        found.append(
+            f"--workers {options.workers} > {num_tasks} task(s): workers run one task each, "
+            f"so only {num_tasks} will work"
+        )
+    return found
+
+
+def select_tasks(text: str | None, names: Sequence[str]) -> list[int]:
+    """Task ids from a comma-separated list of ids, ranges ('A:B', Python-style) and task names."""
+    if text is None or not text.strip():
+        return list(range(len(names)))
+    selected: list[int] = []
+    for item in (part.strip() for part in text.split(",")):
+        if item in names:
+            found = [names.index(item)]
+        elif item and (item[0].isdigit() or item[0] in "-:"):
+            found = list(task_range(item, len(names)))
+        else:
+            raise ValidationError(
+                "--tasks",
+                "task ids (A:B or A) or task names of the suite, comma-separated "
+                f"(names: {', '.join(names[:3])}, ...)",
+                item,
+            )
+        selected += [index for index in found if index not in selected]
+    return selected
 
 
 def task_range(text: str | None, num_tasks: int) -> range:

@@ -7,6 +7,10 @@ tqdm's ETA. The summary reads the files themselves, so a resumed run reports eve
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,12 +39,14 @@ class Progress:
         self.successes = 0
         self.env_steps = 0
         self.redone = 0
+        self.errors = 0  # episodes recorded as failed because the simulation raised
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, EpisodeDone):
             self.episodes += 1
             self.successes += int(event.success)
             self.env_steps += event.env_steps
+            self.errors += int(event.error is not None)
             self._bar.update(1)
             self._bar.set_postfix(
                 success=f"{self.successes}/{self.episodes}",
@@ -66,6 +72,7 @@ class TaskSummary:
     episodes: int
     successes: int
     size_bytes: int
+    errors: int = 0  # episodes recorded as failed because the simulation raised
 
     @property
     def success_rate(self) -> float:
@@ -75,12 +82,61 @@ class TaskSummary:
 def summarize(
     task_ids: Sequence[int], names: Sequence[str], paths: Sequence[Path]
 ) -> list[TaskSummary]:
-    rows = []
-    for task_id, name, path in zip(task_ids, names, paths, strict=True):
+    return [
+        _task_summary(task_id, name, path)
+        for task_id, name, path in zip(task_ids, names, paths, strict=True)
+    ]
+
+
+def _task_summary(task_id: int, name: str, path: Path) -> TaskSummary:
+    with TaskFile(path) as task:
+        outcomes = [bool(episode.success) for episode in task.episodes]
+        errors = sum("error" in episode.attrs for episode in task.episodes)
+    return TaskSummary(task_id, name, path, len(outcomes), sum(outcomes), _size(path), errors)
+
+
+SUCCESS_TABLE = "success"  # DIR/<suite>/success.csv and success.json
+TABLE_COLUMNS = ("task_id", "task_name", "episodes", "successes", "success_rate", "errors", "file")
+
+
+def write_success_table(suite_dir: Path) -> list[dict[str, object]]:
+    """Every task file of the suite's folder (whichever run wrote it) as one row, plus `all`;
+    written atomically to success.csv and success.json. The rows."""
+    summaries = []
+    for path in sorted(suite_dir.glob("task_*.h5"), key=_task_id):
         with TaskFile(path) as task:
-            outcomes = [bool(episode.success) for episode in task.episodes]
-        rows.append(TaskSummary(task_id, name, path, len(outcomes), sum(outcomes), _size(path)))
+            task_id, name = int(task.attrs["task_id"]), str(task.attrs["task_name"])
+        summaries.append(_task_summary(task_id, name, path))
+    rows = [
+        _row(s.task_id, s.name, s.episodes, s.successes, s.errors, s.path.name) for s in summaries
+    ]
+    total = [sum(s.episodes for s in summaries), sum(s.successes for s in summaries)]
+    rows.append(_row("all", "", *total, sum(s.errors for s in summaries), ""))
+    _write_atomic(suite_dir / f"{SUCCESS_TABLE}.json", json.dumps(rows, indent=1) + "\n")
+    lines = io.StringIO()
+    writer = csv.DictWriter(lines, TABLE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(suite_dir / f"{SUCCESS_TABLE}.csv", lines.getvalue())
     return rows
+
+
+def _task_id(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
+def _row(
+    task_id: int | str, name: str, episodes: int, successes: int, errors: int, file: str
+) -> dict[str, object]:
+    rate = round(successes / episodes, 6) if episodes else None
+    values = (task_id, name, episodes, successes, rate, errors, file)
+    return dict(zip(TABLE_COLUMNS, values, strict=True))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _size(path: Path) -> int:

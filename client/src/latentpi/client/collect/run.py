@@ -8,22 +8,32 @@ checked once the server's metadata is known and before any simulation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from latentpi.client.collect.events import Event
-from latentpi.client.collect.options import CollectOptions, check_options, check_trials, task_range
-from latentpi.client.collect.progress import Progress, TaskSummary, summarize
+from latentpi.client.collect.options import (
+    CollectOptions,
+    check_options,
+    check_trials,
+    episode_range,
+    option_warnings,
+    select_tasks,
+)
+from latentpi.client.collect.progress import Progress, TaskSummary, summarize, write_success_table
 from latentpi.client.collect.task import TaskJob
 from latentpi.client.collect.workers import connect, run_jobs
-from latentpi.client.libero_env import TaskInfo, list_tasks
+from latentpi.client.libero_env import TaskInfo, env_arguments, list_tasks
 from latentpi.client.server_process import EmbeddedServer
 from latentpi.client.storage import TaskHeader, TaskWriter
-from latentpi.client.storage.layout import episode_dir
+from latentpi.client.storage.layout import RANDOM_WEIGHTS, episode_dir, to_json
 from latentpi.protocol.latent_spec import LatentSpec
 
 logger = logging.getLogger(__name__)
@@ -33,15 +43,16 @@ logger = logging.getLogger(__name__)
 class CollectResult:
     tasks: list[TaskSummary]
     episodes_run: int  # by this run (resumed ones excluded)
-    redone: int  # episodes redone after a lost connection
+    redone: int  # episodes redone after a lost connection or a simulation error
     steps_per_s: float
+    warnings: list[str] = dataclasses.field(default_factory=list)  # also in the files' attributes
 
 
 def plan_tasks(options: CollectOptions) -> tuple[LatentSpec, list[TaskInfo]]:
     """Check the arguments (no server, no simulation); the spec and the selected tasks."""
     spec = check_options(options)
     tasks = list_tasks(options.suite)
-    selected = [tasks[i] for i in task_range(options.tasks, len(tasks))]
+    selected = [tasks[i] for i in select_tasks(options.tasks, [task.name for task in tasks])]
     check_trials(options.trials, [task.num_init_states for task in selected])
     return spec, selected
 
@@ -53,12 +64,16 @@ def collect(
     progress: bool | None = None,
 ) -> CollectResult:
     spec, tasks = plan_tasks(options)
+    warnings = option_warnings(options, len(tasks))
+    for warning in warnings:
+        logger.warning("%s", warning)
     with _server_url(options, spec) as url:
         with connect(url, options.api_key, options.retry_timeout_s, None) as client:
             metadata = client.metadata
-        jobs = [TaskJob(task, _header(task, spec, metadata, options), options) for task in tasks]
+        warnings += _model_warnings(metadata)
+        jobs = make_jobs(options, spec, tasks, metadata, warnings)
         done = sum(_completed(job) for job in jobs)
-        bar = Progress(len(jobs) * options.trials, done, enabled=progress)
+        bar = Progress(len(jobs) * len(episode_range(options)), done, enabled=progress)
 
         def report(event: Event) -> None:
             bar(event)
@@ -74,7 +89,8 @@ def collect(
         [job.task.name for job in jobs],
         [Path(job.path) for job in jobs],
     )
-    return CollectResult(rows, bar.episodes, bar.redone, bar.steps_per_s)
+    write_success_table(options.out / options.suite)
+    return CollectResult(rows, bar.episodes, bar.redone, bar.steps_per_s, warnings)
 
 
 @contextlib.contextmanager
@@ -93,21 +109,78 @@ def _server_url(options: CollectOptions, spec: LatentSpec) -> Iterator[str]:
         yield server.url
 
 
+def make_jobs(
+    options: CollectOptions,
+    spec: LatentSpec,
+    tasks: list[TaskInfo],
+    metadata: Mapping[str, Any],
+    warnings: list[str] | None = None,
+) -> list[TaskJob]:
+    """One job per task, all of one run (one run id in the files' history)."""
+    run_id = uuid.uuid4().hex
+    return [
+        TaskJob(task, _header(task, spec, metadata, options, warnings or [], run_id), options)
+        for task in tasks
+    ]
+
+
+def _model_warnings(metadata: Mapping[str, Any]) -> list[str]:
+    checkpoint = str(_config(metadata).get("checkpoint", ""))
+    if not checkpoint.startswith(RANDOM_WEIGHTS):
+        return []
+    warning = (
+        f"the policy has RANDOM WEIGHTS ({checkpoint}): its actions and latents are noise, "
+        "useful only to test the pipeline (pass --server ws://HOST:PORT of a server with a "
+        "real checkpoint, or --config pi0_libero / pi05_libero)"
+    )
+    logger.warning("!!! %s", warning)
+    return [warning]
+
+
+def _config(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+    config = metadata.get("config")
+    return config if isinstance(config, Mapping) else {}
+
+
+def model_identity(metadata: Mapping[str, Any]) -> tuple[str, str]:
+    """(model_config, checkpoint) as named by the server; what it does not name is replaced by a
+    digest of its whole metadata frame, so two unnamed servers never pass for the same model."""
+    config = _config(metadata)
+    digest = hashlib.sha256(to_json(dict(metadata)).encode()).hexdigest()[:16]
+    unnamed = f"unnamed (server metadata sha256:{digest})"
+    name = config.get("name", metadata.get("model"))
+    checkpoint = config.get("checkpoint")
+    return (
+        unnamed if name is None else str(name),
+        unnamed if checkpoint is None else str(checkpoint),
+    )
+
+
 def _header(
-    task: TaskInfo, spec: LatentSpec, metadata: Mapping[str, Any], options: CollectOptions
+    task: TaskInfo,
+    spec: LatentSpec,
+    metadata: Mapping[str, Any],
+    options: CollectOptions,
+    warnings: list[str],
+    run_id: str,
 ) -> TaskHeader:
-    config = metadata.get("config", {})
+    model_config, checkpoint = model_identity(metadata)
     return TaskHeader(
         suite=task.suite,
         task_id=task.task_id,
         task_name=task.name,
         instruction=task.instruction,
         bddl_file=task.bddl_file,
-        model_config=str(config.get("name", metadata.get("model", "unknown"))),
-        checkpoint=str(config.get("checkpoint", "unknown")),
+        model_config=model_config,
+        checkpoint=checkpoint,
         latent_spec=spec,
         server_metadata=metadata,
         arguments=options.arguments(),
+        episode_arguments=options.episode_arguments(),
+        bddl=Path(task.bddl_file).read_text(),
+        env_args=env_arguments(),
+        warnings=tuple(warnings),
+        run_id=run_id,
     )
 
 
@@ -118,4 +191,4 @@ def _completed(job: TaskJob) -> int:
     if not (path.exists() or episode_dir(path).exists()):
         return 0
     with TaskWriter(path, job.header, compression=job.options.compression) as writer:
-        return sum(1 for k in writer.completed if k < job.options.trials)
+        return len(writer.completed & set(episode_range(job.options)))

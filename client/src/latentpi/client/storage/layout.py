@@ -13,6 +13,7 @@ import datetime
 import importlib.metadata
 import json
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 from latentpi.protocol.errors import ValidationError
 from latentpi.protocol.latent_spec import LatentSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bfloat16 as an HDF5 float type, replay data, episode arguments, run history
 EPISODE_GROUP = re.compile(r"^episode_(\d{4,})$")
 # Root attributes that must equal the stored ones when a collection resumes.
 IDENTITY_ATTRS = (
@@ -35,8 +36,19 @@ IDENTITY_ATTRS = (
     "model_config",
     "checkpoint",
     "latent_spec",
+    "episode_arguments",
 )
-JSON_ATTRS = ("latent_spec", "server_metadata", "versions", "arguments")
+JSON_ATTRS = (
+    "latent_spec",
+    "server_metadata",
+    "versions",
+    "arguments",
+    "episode_arguments",
+    "env_args",
+    "runs",
+    "warnings",
+)
+RANDOM_WEIGHTS = "random weights"  # how a server's metadata names a checkpoint that is not one
 VERSIONED_PACKAGES = (
     "latentpi-client",
     "latentpi-protocol",
@@ -104,6 +116,27 @@ class TaskHeader:
     server_metadata: Mapping[str, Any] = field(default_factory=dict)  # incl. token layout
     arguments: Mapping[str, Any] = field(default_factory=dict)  # the command's arguments
     versions: Mapping[str, str] = field(default_factory=package_versions)
+    # every argument that changes what an episode is (seed, stride, horizon, ...): part of identity
+    episode_arguments: Mapping[str, Any] = field(default_factory=dict)
+    bddl: str = ""  # the bddl file's content, so a rollout can be rebuilt without LIBERO's copy
+    env_args: Mapping[str, Any] = field(default_factory=dict)  # cameras, controller, control rate
+    warnings: tuple[str, ...] = ()  # e.g. random weights: said in the log and kept in the file
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.checkpoint.startswith(RANDOM_WEIGHTS)
+
+    def run(self) -> dict[str, Any]:
+        """This run's entry in the file's history (root attribute `runs`)."""
+        return {
+            "run_id": self.run_id,
+            "started": _now(),
+            "arguments": dict(self.arguments),
+            "server_metadata": dict(self.server_metadata),
+            "versions": dict(self.versions),
+            "warnings": list(self.warnings),
+        }
 
     def attrs(self) -> dict[str, Any]:
         return {
@@ -119,8 +152,25 @@ class TaskHeader:
             "server_metadata": to_json(dict(self.server_metadata)),
             "arguments": to_json(dict(self.arguments)),
             "versions": to_json(dict(self.versions)),
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "episode_arguments": to_json(dict(self.episode_arguments)),
+            "bddl": self.bddl,
+            "env_args": to_json(dict(self.env_args)),
+            "random_weights": self.random_weights,
+            "warnings": to_json(list(self.warnings)),
+            "runs": to_json([self.run()]),
+            "created": _now(),
         }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def merge_runs(stored: Any, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stored history plus this run's entry (once, however often the run reopens the file)."""
+    runs = list(stored) if isinstance(stored, list) else []
+    known = {run.get("run_id") for run in runs if isinstance(run, dict)}
+    return runs + [run for run in new if run["run_id"] not in known]
 
 
 def decode_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
@@ -146,7 +196,7 @@ def check_identity(path: Path, stored: Mapping[str, Any], new: Mapping[str, Any]
         if old_value != new_value:
             raise ValidationError(
                 f"{path}: root attribute {key}",
-                f"{old_value!r} as stored (resume with the same task, model and latent spec, or use a new output folder)",
+                f"{old_value!r} as stored (resume with the same task, model, latent spec and episode arguments (seed, stride, horizon, replan and settle steps, images), or use a new output folder)",
                 new_value,
             )
 

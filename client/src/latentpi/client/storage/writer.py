@@ -31,12 +31,14 @@ from latentpi.client.storage.layout import (
     decode_attrs,
     episode_dir,
     group_name,
+    merge_runs,
     to_json,
 )
 from latentpi.client.storage.sources import own_groups, sources
 from latentpi.protocol.errors import ValidationError
 
 COMPRESSIONS = ("lzf", "gzip", "none")
+REPLAY_GROUP = "replay"  # per-step and per-query arrays written once at `finish` (small)
 BLOCK_BYTES = 4 << 20  # samples gathered per dataset write (bounds the memory an episode holds)
 
 
@@ -120,6 +122,9 @@ class TaskWriter(ClosesOnExit):
         if stored is not None:
             check_identity(self.path, stored, decode_attrs(self._attrs))
             self._attrs["created"] = stored.get("created", self._attrs["created"])
+            # the history of runs that wrote into the file grows; the other attributes are this run's
+            new_runs = decode_attrs({"runs": self._attrs["runs"]})["runs"]
+            self._attrs["runs"] = to_json(merge_runs(stored.get("runs"), new_runs))
         own = own_groups(self.path)
         if own:
             # A consolidated file: drop episode files it already holds (a crash after its replace).
@@ -148,7 +153,14 @@ class TaskWriter(ClosesOnExit):
         if not own_groups(self.path):
             return
         number = len(list(self.dir.glob("base_*.h5")))
-        os.replace(self.path, self.dir / f"base_{number:04d}.h5")
+        base = self.dir / f"base_{number:04d}.h5"
+        # A hard link, then the index replaces the task file: the task file exists at every moment
+        # (a rename would leave none until the index is written). A kill in between leaves the
+        # same file under both names; recovery drops the base, which the task file holds.
+        try:
+            os.link(self.path, base)
+        except OSError:  # a filesystem without hard links: a rename, recovered by the next open
+            os.replace(self.path, base)
         fsync_path(self.dir)
         self._write_index()
 
@@ -252,6 +264,12 @@ class EpisodeWriter:
                 "duration_s": float(result.duration_s),
             }
         )
+        if result.error is not None:
+            self._group.attrs["error"] = result.error
+        if result.env_seed is not None:
+            self._group.attrs["env_seed"] = int(result.env_seed)
+        for name, array in result.replay.items():
+            self._group.create_dataset(f"{REPLAY_GROUP}/{name}", data=np.asarray(array))
         self._file.close()
         self._file = None
         publish(self.tmp, self.final)
