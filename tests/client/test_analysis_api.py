@@ -26,7 +26,7 @@ METADATA = ServerMetadata(
     action_horizon=3, action_dim=7, num_steps=3,
 )  # fmt: skip
 FULL = LatentSpec(attention="per_head")
-VALID = 4  # prompt positions 4 and 5 are padding
+VALID = 4  # prompt positions 4 and 5 are padding; position 0 is BOS
 DRIFT = np.array([0.0, 0.1, 0.2, 0.3])  # per residual entry; entry 0 (embeddings) never moves
 
 
@@ -53,6 +53,8 @@ class Planted:
         states[0] = base[0]
         states[2, :VALID] += 1.5 * self.success  # success is readable at entry 2
         states[:, VALID:] = self.rng(t, 2).normal(scale=50.0, size=(4, 6 - VALID, 16))
+        # BOS: a huge-norm state that changes every sample (Gemma's BOS), never part of the drift
+        states[1:, 0] = self.rng(t, 5).normal(scale=40.0, size=(3, 16))
         return states
 
     def latents(self, t: int) -> dict[str, np.ndarray]:
@@ -60,7 +62,7 @@ class Planted:
         expert_0 = self.rng(t, 3).normal(size=(4, 14, 16))
         expert_0[:, 8:] = prompt
         read = np.random.default_rng(7).normal(size=(16, 8))
-        action_mean = prompt[:, :VALID].mean(axis=1) @ read  # (L, 8)
+        action_mean = prompt[:, 1:VALID].mean(axis=1) @ read  # (L, 8)
         steps = np.arange(3)[:, None, None, None]
         expert_1 = action_mean[None, :, None] + (2 - steps) * self.rng(t, 4).normal(
             size=(3, 4, 4, 8)
@@ -149,8 +151,12 @@ def test_language_loss_trajectory_matches_planted_drift(task: api.TaskData) -> N
     assert np.all(np.diff(loss.relative_l2[:, 3]) > 0)
     planted = Planted(0, 0, 6, True)
     states = np.stack([planted.prompt(t) for t in range(6)])
-    expected = metrics.language_drift(states.astype(np.float32), np.arange(6) < VALID)
+    mask = np.arange(6) < VALID
+    expected = metrics.language_drift(states.astype(np.float32), metrics.without_bos(mask))
     np.testing.assert_allclose(loss.relative_l2, expected.relative_l2, atol=1e-6)
+    with_bos = metrics.language_drift(states.astype(np.float32), mask)
+    assert np.max(np.abs(with_bos.relative_l2[:, 1:] - loss.relative_l2[:, 1:])) > 0.3
+    assert loss.bos_excluded and loss.note == ""
     one = api.get_language_loss_trajectory(task, 0, layer_idx=-1)
     np.testing.assert_array_equal(one.cosine_distance, loss.cosine_distance[:, 3])
     assert one.layers == [3]
@@ -159,27 +165,74 @@ def test_language_loss_trajectory_matches_planted_drift(task: api.TaskData) -> N
     np.testing.assert_allclose(via_prefix.relative_l2, loss.relative_l2, atol=1e-12)
 
 
+def test_centred_and_normalised_drift(task: api.TaskData) -> None:
+    loss = api.get_language_loss_trajectory(task, 0)
+    vectors = [api.sample_vectors(task, e.index)[0] for e in task.episodes]
+    centre = np.concatenate(vectors).mean(axis=0)
+    first, last = vectors[0][0] - centre, vectors[0][-1] - centre
+    cos = (
+        np.sum(first * last, axis=-1)
+        / np.linalg.norm(first, axis=-1)
+        / np.linalg.norm(last, axis=-1)
+    )
+    np.testing.assert_allclose(loss.centred_cosine_distance[-1, 1:], 1 - cos[1:], atol=1e-9)
+    # the spread: RMS distance between the two episodes at samples 0..2 (the shorter one's length)
+    gap = np.sqrt(np.mean(np.sum((vectors[0][:3] - vectors[1][:3]) ** 2, axis=-1), axis=0))
+    moved = np.linalg.norm(vectors[0][-1] - vectors[0][0], axis=-1)
+    np.testing.assert_allclose(loss.normalised_l2[-1, 1:], moved[1:] / gap[1:], rtol=1e-9)
+    assert np.all(np.isnan(loss.normalised_l2[:, 0]))  # entry 0: identical in both, no spread
+
+
+def test_rollout_step_is_an_env_step_nearest_sampled_query(task: api.TaskData) -> None:
+    assert api.nearest_sample(task, 0, 20) == (4, 20)
+    assert api.nearest_sample(task, 0, 22) == (4, 20)
+    assert api.nearest_sample(task, 0, 500) == (5, 25)
+    off = api.analyze_expert_separation(task, 0, rollout_step=22, layer_idx=2)
+    assert (off.sample_index, off.timestep) == (4, 20) and "nearest sampled step 20" in off.note
+
+
 def test_expert_separation_is_width_free_and_sees_the_shared_signal(task: api.TaskData) -> None:
-    result = api.analyze_expert_separation(task, episode_idx=0, rollout_step=4, layer_idx=2)
-    assert (result.layer, result.rollout_step, result.timestep, result.n_samples) == (2, 4, 20, 6)
+    result = api.analyze_expert_separation(task, episode_idx=0, rollout_step=20, layer_idx=2)
+    assert (result.layer, result.rollout_step, result.sample_index, result.timestep) == (
+        2,
+        20,
+        4,
+        20,
+    )
+    assert result.n_samples == 6 and result.note == ""
     assert result.cka_layers.shape == (4, 4)
     assert result.cka > 0.9  # expert 1's action mean is a linear image of the prompt mean
     assert result.rsa > 0.8
     loss = api.get_language_loss_trajectory(task, 0, layer_idx=2)
     assert result.drift_expert_0 == pytest.approx(loss.cosine_distance[4])
     assert result.drift_expert_1 > 0
-    short = api.analyze_expert_separation(task, episode_idx=1, rollout_step=-1, layer_idx=2)
+    short = api.analyze_expert_separation(task, episode_idx=1, rollout_step=10, layer_idx=2)
     assert np.isnan(short.cka) and "needs at least 4" in short.note
     assert np.isfinite(short.drift_expert_0)
 
 
-def test_hidden_states_for_dimensions_follow_the_prompt_mean(task: api.TaskData) -> None:
-    got = api.get_hidden_states_for_dimensions(task, 0, [3, 0, 15], layer_idx=1)
+def test_hidden_states_for_dimensions_take_the_seed_arguments(task: api.TaskData) -> None:
+    """(task_data, episode_idx, rollout_step, layer_idx, expert_type): one sample, one layer."""
     planted = Planted(0, 0, 6, True)
-    mean = np.stack([planted.prompt(t)[1, :VALID].mean(axis=0) for t in range(6)])
+    got = api.get_hidden_states_for_dimensions(task, 0, 20, layer_idx=1, expert_type="text_only")
+    np.testing.assert_allclose(got.states, planted.prompt(4)[1], atol=1e-5)
+    assert got.axes == ("position", "hidden") and got.dimensions == {"position": 6, "hidden": 16}
+    assert (got.sample_index, got.timestep, got.layer, got.step) == (4, 20, 1, None)
+    e1 = api.get_hidden_states_for_dimensions(task, 0, 9, layer_idx=3, expert_type="expert_1")
+    assert e1.dimensions == {"position": 4, "hidden": 8} and (e1.timestep, e1.step) == (10, 2)
+    np.testing.assert_allclose(
+        e1.states, planted.latents(2)["expert_1_hidden_states"][2, 3], atol=1e-5
+    )
+    assert [s[0] for s in e1.positions] == ["state", "actions"]
+
+
+def test_hidden_units_trajectory_follows_the_prompt_mean(task: api.TaskData) -> None:
+    got = api.get_hidden_units_trajectory(task, 0, [3, 0, 15], layer_idx=1)
+    planted = Planted(0, 0, 6, True)
+    mean = np.stack([planted.prompt(t)[1, 1:VALID].mean(axis=0) for t in range(6)])
     np.testing.assert_allclose(got, mean[:, [3, 0, 15]], atol=1e-5)
     with pytest.raises(ValidationError) as info:
-        api.get_hidden_states_for_dimensions(task, 0, [16])
+        api.get_hidden_units_trajectory(task, 0, [16])
     assert info.value.field == "dimensions"
 
 
@@ -187,6 +240,9 @@ def test_attention_share_and_denoising_steps(task: api.TaskData) -> None:
     share, layers = api.get_attention_share(task, 0)
     assert layers == [0, 1, 2] and share.shape == (6, 3, 3)
     np.testing.assert_allclose(share[:, 0, 0], 0.8 - 0.1 * np.arange(6), atol=1e-6)
+    heads, _ = api.get_attention_share(task, 0, per_head=True)
+    assert heads.shape == (6, 3, 3, 2)
+    np.testing.assert_allclose(heads.mean(axis=-1), share, atol=1e-6)
     steps = api.get_step_similarity(task, 0)
     assert steps.cosine_to_last.shape == (4, 3)
     np.testing.assert_allclose(steps.cosine_to_last[:, -1], 1, atol=1e-6)
@@ -199,9 +255,10 @@ def test_attention_share_and_denoising_steps(task: api.TaskData) -> None:
         (lambda d: api.get_language_loss_trajectory(d, 0, layer_idx=9), "layer_idx"),
         (lambda d: api.get_language_loss_trajectory(d, 0, expert_type="expert_2"), "expert_type"),
         (
-            lambda d: api.analyze_expert_separation(d, 0, rollout_step=6, layer_idx=1),
+            lambda d: api.analyze_expert_separation(d, 0, rollout_step=-6, layer_idx=1),
             "rollout_step",
         ),
+        (lambda d: api.get_hidden_states_for_dimensions(d, 0, 20, layer_idx=7), "layer_idx"),
         (lambda d: api.get_attention_share(d, 0, keys=("image",)), "keys"),
     ],
 )
@@ -222,6 +279,7 @@ def test_layer_subset_pooled_bfloat16_capture(tmp_path: Path) -> None:
         states = np.stack([planted.prompt(t) for t in range(5)])[:, [0, 3]]
         expected = metrics.language_drift(states, np.arange(6) < VALID)
         np.testing.assert_allclose(loss.relative_l2, expected.relative_l2, atol=0.02)  # bf16
+        assert not loss.bos_excluded and "BOS inside" in loss.note  # pooled on the device
         via_prefix = api.get_language_loss_trajectory(data, 0, expert_type="expert_0", layer_idx=3)
         np.testing.assert_allclose(via_prefix.relative_l2, loss.relative_l2[:, 1], atol=1e-12)
         assert api.get_language_loss_trajectory(data, 0, "expert_1").cosine_distance.shape == (5, 2)

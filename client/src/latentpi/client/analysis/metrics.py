@@ -121,6 +121,17 @@ def prompt_mean(text_states: np.ndarray, prompt_mask: np.ndarray) -> np.ndarray:
     return np.einsum("slpd,sp->sld", x, mask.astype(np.float64)) / counts[:, None, None]
 
 
+def without_bos(prompt_mask: np.ndarray) -> np.ndarray:
+    """The mask with each row's first valid position (the tokenizer's BOS: `[BOS] prompt "\\n"
+    [pad]`, server/policy/tokenizer.py) set false; a row whose only valid token is BOS keeps it."""
+    mask = np.array(prompt_mask, bool)
+    rows = np.atleast_2d(mask)
+    first = np.argmax(rows, axis=1)
+    drop = rows.sum(axis=1) > 1
+    rows[np.flatnonzero(drop), first[drop]] = False
+    return rows.reshape(mask.shape)
+
+
 def _prompt_mask(prompt_mask: np.ndarray, samples: int, positions: int) -> np.ndarray:
     mask = np.asarray(prompt_mask)
     if mask.ndim == 1:
@@ -164,6 +175,43 @@ def language_drift(
         cosine_distance=1.0 - cosine_similarity(pooled, ref[None]),
         relative_l2=relative_l2(pooled, ref[None]),
     )
+
+
+def centred_drift(
+    pooled: np.ndarray, centre: np.ndarray, spread: np.ndarray, reference: int = 0
+) -> Drift:
+    """Drift that compares across layers. pooled (S, L, D) per-sample vectors; centre (L, D) the
+    mean over every sample of the cohort (task) at each layer; spread (L,) the between-episode
+    spread at each layer (`between_episode_spread`).
+
+    cosine_distance: 1 − cos(h_t − μ, h_ref − μ): residual streams share a large common direction
+    that pushes every raw cosine towards 1, so the raw cosine drift is compressed; relative_l2
+    (here: normalised): ‖h_t − h_ref‖ / spread — 1 means the episode moved as far as two different
+    episodes are apart at the same point of their rollouts."""
+    x = as_float64(pooled, "pooled states", 3)
+    mu = as_float64(centre, "centre", 2)
+    scale = np.asarray(spread, np.float64)  # NaN allowed: no spread (a single episode)
+    ref = x[_index("reference", reference, x.shape[0])][None]
+    distance = np.sqrt(np.sum((x - ref) ** 2, axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = np.where(scale > np.sqrt(_TINY), distance / scale, np.nan)  # NaN > x: False
+    return Drift(
+        cosine_distance=1.0 - cosine_similarity(x - mu[None], ref - mu[None]),
+        relative_l2=normalised,
+    )
+
+
+def between_episode_spread(episodes: Sequence[np.ndarray]) -> np.ndarray:
+    """(L,) root mean squared distance between two different episodes' vectors at the same sample
+    index, averaged over the sample indices all episodes reach; episodes: (S_e, L, D) each. NaN with
+    fewer than two episodes."""
+    if len(episodes) < 2:
+        return np.full(np.shape(episodes[0])[1] if episodes else 0, np.nan)
+    common = min(len(e) for e in episodes)
+    stack = np.stack([np.asarray(e, np.float64)[:common] for e in episodes])  # (E, S, L, D)
+    # mean over pairs i ≠ j of ‖a_i − a_j‖² = 2 Σ_d var_d (unbiased over episodes)
+    pair_squared = 2.0 * np.var(stack, axis=0, ddof=1).sum(axis=-1)  # (S, L)
+    return np.sqrt(pair_squared.mean(axis=0))
 
 
 def token_drift(text_states: np.ndarray, prompt_mask: np.ndarray, reference: int = 0) -> Drift:
