@@ -57,6 +57,13 @@ class Planted:
         states[1:, 0] = self.rng(t, 5).normal(scale=40.0, size=(3, 16))
         return states
 
+    def state(self, t: int) -> np.ndarray:
+        """(8,) the robot state sent: the eef position is the action expert's last-entry mean
+        read through a fixed map; the gripper closes over time."""
+        action_mean = self.latents(t)["expert_1_hidden_states"][-1, 3, 1:].mean(axis=0)
+        eef = action_mean @ np.random.default_rng(11).normal(size=(8, 3))
+        return np.r_[eef, np.zeros(3), 0.04 - 0.002 * t, -0.04 + 0.002 * t]
+
     def latents(self, t: int) -> dict[str, np.ndarray]:
         prompt = self.prompt(t)
         expert_0 = self.rng(t, 3).normal(size=(4, 14, 16))
@@ -99,7 +106,8 @@ def write_task(root: Path, task: int, episodes: list[Planted], spec: LatentSpec 
             with writer.episode(planted.episode, init_state_idx=planted.episode, seed=0) as out:
                 for t in range(planted.samples):
                     latents = on_device(planted.latents(t), spec)
-                    out.add(Sample(5 * t, np.zeros((3, 7)), np.zeros(8), latents, layouts))
+                    state = planted.state(t)
+                    out.add(Sample(5 * t, np.zeros((3, 7)), state, latents, layouts))
                 n = planted.samples
                 out.finish(EpisodeResult(planted.success, 5 * n, n, n, 0.1, planted.episode))
     return path
@@ -291,7 +299,9 @@ def test_layer_subset_pooled_bfloat16_capture(tmp_path: Path) -> None:
 # -- across episodes and tasks ----------------------------------------------------------------
 
 
-def test_cohort_probes_find_success_at_its_layer_and_the_task_everywhere(tmp_path: Path) -> None:
+def test_cohort_probes_find_success_at_its_layer_and_the_task_where_not_given_away(
+    tmp_path: Path,
+) -> None:
     datas = []
     for task_id in range(2):
         episodes = [Planted(task_id, e, 4 + e % 3, e % 2 == 0) for e in range(8)]
@@ -300,14 +310,27 @@ def test_cohort_probes_find_success_at_its_layer_and_the_task_everywhere(tmp_pat
         features = cohort.episode_features(datas, samples=(0, 3))
         assert features.window == 4 and features.mean.shape == (16, 4, 16)
         assert features.drift.shape == (16, 4, 4)
-        config = probes.ProbeConfig(n_splits=4, n_shuffles=10, n_bootstrap=200)
+        config = probes.ProbeConfig(n_splits=4, n_shuffles=200, n_bootstrap=50)
         success = cohort.success_by_layer(features, "mean", config)
         auroc = probes.scores(success)
-        assert auroc[2] > 0.9 and success[2].ci[0] > 0.6
-        assert auroc[0] < 0.75  # the embeddings cannot know the outcome
-        task_grid = cohort.task_by_layer(features, config)
-        assert len(task_grid) == 2 and len(task_grid[0]) == 4
-        assert all(r.score == 1.0 and r.chance == 0.5 for row in task_grid for r in row)
+        assert auroc[2] > 0.9 and success[2].p_value_family < 0.01 and success[2].ci[0] > 0.6
+        assert set(success[2].within) == {"0", "1"}
+        assert success[0].p_value > 0.05  # the embeddings cannot know the outcome
+        # the prompt's own entry 0 holds the task trivially: the ceiling, not a finding
+        prompt = cohort.task_by_layer(features, config)
+        assert prompt[0][0].score == 1.0
+        # the action expert reads the prompt: the task is there; the image tokens (random
+        # here) do not carry it, so the probe can fail
+        actions = cohort.episode_features(datas, "expert_1", samples=(0, 3))
+        images = cohort.episode_features(datas, "expert_0", samples=(0, 3), segment="base_0_rgb")
+        assert images.source == "expert_0:base_0_rgb"
+        found = cohort.task_by_layer(actions, config)
+        assert all(r.score > 0.9 and r.p_value_family < 0.01 for r in found[1][1:])
+        absent = cohort.task_by_layer(images, config)
+        assert all(r.p_value > 0.05 for row in absent for r in row)
+        # continuous: the eef position is a linear read-out of the action expert's last entry
+        eef = cohort.regression_by_layer(actions, "eef_position", config)
+        assert eef[3].score > 0.8 and eef[3].p_value < 0.01
         with pytest.raises(ValidationError) as info:
             cohort.episode_features(datas, window=5)
         assert info.value.field == "window"
