@@ -2,8 +2,9 @@
 and noise seeds each get exactly their own rows back; different latent specs in one window are
 grouped; noise_seed makes a request reproducible alone and inside a batch.
 
-XLA on CPU gives bit-identical rows for batch sizes 1, 2 and 4 of the tiny models (measured), so
-batched rows are compared to the same request served alone with exact equality.
+A vectorized batch is not bit-identical to batch 1 on every CPU (XLA picks matmul blockings by
+shape: ~1e-7 apart on this AMD EPYC). On CPU the server runs batches row by row (batch_invariant,
+auto), so batched rows are compared to the same request served alone with exact equality.
 """
 
 from __future__ import annotations
@@ -195,3 +196,68 @@ def test_without_a_seed_every_call_draws_new_noise(policy: Any) -> None:
     first = policy.infer(observation(3))["actions"]
     second = policy.infer(observation(3))["actions"]
     assert not np.allclose(first, second)
+
+
+# -- noise (openpi A/B) -------------------------------------------------------------------------
+def given_noise(seed: int) -> np.ndarray:
+    """The (action_horizon, action_dim) noise the server would draw for `noise_seed=seed`."""
+    return np.random.default_rng(seed).standard_normal((50, 32), dtype=np.float32)
+
+
+def test_given_noise_reproduces_actions_bit_for_bit_alone_and_in_a_batch(
+    policy: Any, batching_server: RunningServer
+) -> None:
+    noise = given_noise(7)
+    request = observation(3, noise=noise, collect_latents=True)
+    first = policy.infer(request)
+    assert_same_rows(first, policy.infer(request))
+    # The same noise by seed: the field carries exactly what the server feeds the model.
+    assert_same_rows(first, policy.infer(observation(3, noise_seed=7, collect_latents=True)))
+    # float64 noise is cast once, as openpi's jnp.asarray casts it.
+    np.testing.assert_array_equal(
+        policy.infer(observation(3, noise=noise.astype(np.float64)))["actions"], first["actions"]
+    )
+    others = [observation(i, noise=given_noise(20 + i), collect_latents=True) for i in range(3)]
+    batched = concurrently(batching_server, [*others, request])
+    assert_same_rows(batched[-1], first)
+    assert not np.array_equal(
+        policy.infer(observation(3, noise=given_noise(8)))["actions"], first["actions"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("noise", "message"),
+    [
+        (np.zeros((10, 32), np.float32), "noise: expected a float32 array of shape (50, 32)"),
+        (np.zeros((50, 32), np.int32), "noise: expected a finite float32 array"),
+        (np.full((50, 32), np.nan, np.float32), "received 'an array with NaN or infinity'"),
+        (np.zeros((50, 32, 1), np.float32), "noise: expected a finite float32 array"),
+    ],
+    ids=["shape", "dtype", "nan", "rank"],
+)
+def test_bad_noise_is_named_and_the_connection_survives(
+    policy: Any, noise: np.ndarray, message: str
+) -> None:
+    with pytest.raises(RuntimeError, match="bad request: ") as error:
+        policy.infer(observation(1, noise=noise))
+    assert message in str(error.value)
+    assert policy.infer(observation(1))["actions"].shape == (50, 7)
+
+
+def test_noise_and_noise_seed_together_are_refused(policy: Any) -> None:
+    with pytest.raises(RuntimeError, match="noise: expected absent when noise_seed is given"):
+        policy.infer(observation(1, noise=given_noise(1), noise_seed=1))
+
+
+def test_batch_invariance_is_on_for_cpu_by_default_and_can_be_turned_off(
+    pi0_engine: PolicyEngine,
+) -> None:
+    from latentpi.server.engine_factory import build_engine
+    from latentpi.server.serving import serving_config
+
+    assert pi0_engine.sampler.by_row and pi0_engine.metadata()["config"]["batch_invariant"]
+    vectorized = build_engine(
+        serving_config("pi0_tiny"), ServerSettings(batch_invariant=False), warmup=False
+    )
+    assert not vectorized.sampler.by_row
+    assert vectorized.metadata()["config"]["batch_invariant"] is False

@@ -24,6 +24,8 @@ LIBERO_STATE_DIM = 8
 MAX_IMAGE_SIDE = 2048
 MAX_PROMPT_CHARS = 4096
 MAX_NOISE_SEED = 2**63 - 1
+# pi0 draws (50, 32) = 1,600 values; the bound only stops a request from asking for gigabytes.
+MAX_NOISE_ELEMENTS = 65_536
 
 IMAGE_KEY = "observation/image"
 WRIST_IMAGE_KEY = "observation/wrist_image"
@@ -47,6 +49,9 @@ class PolicyRequest:
     collect_latents: bool = False
     latent_spec: LatentSpec | None = None
     noise_seed: int | None = None
+    # The flow-matching noise itself, (action_horizon, action_dim) float32 as openpi's
+    # `Policy.infer(obs, noise=...)` takes it: same observation + same noise = openpi's actions.
+    noise: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check_image(IMAGE_KEY, self.image)
@@ -63,6 +68,8 @@ class PolicyRequest:
             raise ValidationError(
                 "noise_seed", f"null or an int in [0, {MAX_NOISE_SEED}]", self.noise_seed
             )
+        if self.noise is not None:
+            _check_noise(self.noise, self.noise_seed)
         if self.latent_spec is not None:
             object.__setattr__(self, "collect_latents", True)
         elif self.collect_latents:
@@ -80,6 +87,8 @@ class PolicyRequest:
             out["latent_spec"] = self.latent_spec.to_wire() if self.latent_spec else DEFAULT_PRESET
         if self.noise_seed is not None:
             out["noise_seed"] = self.noise_seed
+        if self.noise is not None:
+            out["noise"] = self.noise
         return out
 
     @classmethod
@@ -106,6 +115,7 @@ class PolicyRequest:
             collect_latents=collect,
             latent_spec=spec,
             noise_seed=data.get("noise_seed"),
+            noise=data.get("noise"),
         )
 
 
@@ -128,6 +138,24 @@ def _check_image(key: str, image: object) -> None:
 
 
 _IMAGE_DTYPES = tuple(np.dtype(name) for name in ("uint8", "float16", "float32", "float64"))
+
+
+def _check_noise(noise: object, noise_seed: int | None) -> None:
+    expected = f"a finite float32 array (action_horizon, action_dim) of at most {MAX_NOISE_ELEMENTS} values"
+    if (
+        not isinstance(noise, np.ndarray)
+        or noise.dtype not in _NOISE_DTYPES
+        or noise.ndim != 2
+        or not 0 < noise.size <= MAX_NOISE_ELEMENTS
+    ):
+        raise ValidationError("noise", expected, noise)
+    if not np.isfinite(noise).all():
+        raise ValidationError("noise", expected, "an array with NaN or infinity")
+    if noise_seed is not None:
+        raise ValidationError("noise", "absent when noise_seed is given (one or the other)", noise)
+
+
+_NOISE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _check_state(state: object) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from latentpi.protocol.errors import ValidationError
 from latentpi.protocol.latent_layout import ArrayLayout, latent_layouts
 from latentpi.protocol.latent_spec import LatentSpec
 from latentpi.protocol.messages import PolicyRequest, PolicyResponse, ServerMetadata
@@ -55,7 +56,7 @@ class PolicyEngine:
     _rng_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.sampler = CompiledSampler(self.model)
+        self.sampler = CompiledSampler(self.model, by_row=self.batch_invariant)
         self._rng = np.random.default_rng(self.seed)
         self._metadata = ServerMetadata(
             model=self.model.variant,
@@ -66,8 +67,16 @@ class PolicyEngine:
             action_horizon=self.model.action_horizon,
             action_dim=self.model.action_dim,
             num_steps=self.model.num_steps,
-            config=dict(self.config_summary),
+            config={**self.config_summary, "batch_invariant": self.batch_invariant},
         )
+
+    @property
+    def batch_invariant(self) -> bool:
+        if self.settings.batch_invariant is not None:
+            return self.settings.batch_invariant
+        import jax
+
+        return jax.default_backend() == "cpu"
 
     # -- the app's interface --------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -78,7 +87,7 @@ class PolicyEngine:
             request.image, request.wrist_image, request.state, request.prompt
         )
         spec = self.sampler.resolve(request.latent_spec) if request.collect_latents else None
-        return PreparedRequest(inputs=inputs, noise=self._noise(request.noise_seed), spec=spec)
+        return PreparedRequest(inputs=inputs, noise=self._noise(request), spec=spec)
 
     def run_batch(self, items: Sequence[PreparedRequest]) -> list[dict[str, Any]]:
         spec = items[0].spec
@@ -129,10 +138,17 @@ class PolicyEngine:
                 self.run_batch([item] * size)
 
     # -- helpers --------------------------------------------------------------------------------
-    def _noise(self, seed: int | None) -> np.ndarray:
+    def _noise(self, request: PolicyRequest) -> np.ndarray:
+        """The request's own noise, or noise from its seed, or from the server's generator."""
         shape = (self.model.action_horizon, self.model.action_dim)
-        if seed is not None:
-            return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        if request.noise is not None:
+            if request.noise.shape != shape:
+                raise ValidationError("noise", f"a float32 array of shape {shape}", request.noise)
+            return request.noise.astype(np.float32)  # a float64 copy casts as openpi's jnp.asarray
+        if request.noise_seed is not None:
+            return np.random.default_rng(request.noise_seed).standard_normal(
+                shape, dtype=np.float32
+            )
         with self._rng_lock:
             return self._rng.standard_normal(shape, dtype=np.float32)
 

@@ -30,6 +30,9 @@ class ServerSettings:
     warmup_specs: tuple[LatentSpec, ...] = ()  # beyond plain inference and the default preset
     # Refuse prompts longer than max_token_len instead of truncating them (openpi truncates).
     strict_prompts: bool = False
+    # Run batches row by row so a request's numbers never depend on its batch (bit-exact A/B);
+    # None: on for CPU backends, where batching buys little, off on accelerators.
+    batch_invariant: bool | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= 256:

@@ -64,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse prompts longer than the model's max_token_len (default: truncate and warn, as openpi)",
     )
     parser.add_argument(
+        "--batch-invariant",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="run batches row by row so that a request's numbers never depend on its batch "
+        "(default auto: on for CPU, off on accelerators, where it costs batching's throughput)",
+    )
+    parser.add_argument(
         "--ready-file", type=Path, help="write {url, port, pid} as JSON here once serving"
     )
     parser.add_argument(
@@ -97,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             warmup_batch_sizes=_batch_sizes(args.warmup_batch_sizes, args.max_batch),
             warmup_specs=tuple(_latent_spec(text) for text in args.warmup_latents),
             strict_prompts=args.strict_prompts,
+            batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant],
         )
     except ValueError as error:
         option, _, detail = str(error).partition(":")

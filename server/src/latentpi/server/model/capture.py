@@ -204,6 +204,21 @@ def run_sampler(
     return result.actions, plan.collect(result, obs)
 
 
+def run_sampler_by_row(
+    config: ModelConfig, plan: CapturePlan | None, params: Any, obs: Observation, noise: jnp.ndarray
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """`run_sampler` one row at a time inside the same program (`lax.map`): every row runs the same
+    batch-1 computation whatever its batch, so its numbers never depend on its neighbours. A
+    vectorized batch does not promise that: XLA picks matmul blockings by shape (on CPU, batch 4
+    moves actions by ~1e-7 against batch 1)."""
+
+    def one_row(row: tuple[Observation, jnp.ndarray]) -> Any:
+        batch_of_one = jax.tree.map(lambda x: x[None], row)
+        return jax.tree.map(lambda x: x[0], run_sampler(config, plan, params, *batch_of_one))
+
+    return jax.lax.map(one_row, (obs, noise))
+
+
 CacheKey = tuple[int, str, LatentSpec | None, bool]
 
 
@@ -211,10 +226,14 @@ CacheKey = tuple[int, str, LatentSpec | None, bool]
 class CompiledSampler:
     """Compiled samplers for one model, cached per (batch size, image dtype, resolved spec, trace).
 
+    by_row: run each batch row by row (`run_sampler_by_row`): a request's result is bit-identical
+    in any batch, at the cost of batching's throughput on accelerators.
+
     Thread-safe: a request whose function is cached never waits for another spec's compile (compiles
     run outside the lock; concurrent requests for the same new key wait for one compile)."""
 
     config: ModelConfig
+    by_row: bool = False
     _cache: dict[CacheKey, Future] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -295,7 +314,8 @@ class CompiledSampler:
         if spec is None and trace:  # the parity trace rides on the full capture
             spec = self.resolve(LatentSpec())
         plan = None if spec is None else CapturePlan(self.config, spec, trace)
-        fn = jax.jit(lambda p, o, n: run_sampler(self.config, plan, p, o, n))
+        run = run_sampler_by_row if self.by_row else run_sampler
+        fn = jax.jit(lambda p, o, n: run(self.config, plan, p, o, n))
         return fn.lower(params, obs, noise).compile()
 
 
