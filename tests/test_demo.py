@@ -61,16 +61,18 @@ def test_demo_collects_real_episodes_and_writes_a_report(tmp_path: Path) -> None
             assert episode.success in (True, False)
 
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
-    drift = [key for key in summary if key.endswith("language drift")]
-    assert len(drift) == 2
+    assert summary["schema"] == "latentpi.analysis.summary" and summary["schema_version"] == 1
+    checks = [r for r in summary["records"] if r["metric"] == "entry_0_max_drift"]
+    assert len(checks) == 2
     # entry 0 is the embedded prompt: it cannot drift, a built-in check on the whole chain
-    assert all(summary[key]["entry_0_max_drift"] == 0.0 for key in drift)
-    # the same numbers as one long CSV table: one row per number of summary.json
+    assert all(r["estimate"] == 0.0 for r in checks)
+    # the same records as one CSV table, one row each
     with (tmp_path / "report" / "summary.csv").open() as stream:
         rows = list(csv.DictReader(stream))
-    drift_rows = [r for r in rows if r["section"] == drift[0] and r["key"] == "mean_cosine_drift"]
-    flat = [v for sample in summary[drift[0]]["mean_cosine_drift"] for v in sample]
-    assert [float(r["value"]) for r in drift_rows] == pytest.approx(flat)
+    assert len(rows) == len(summary["records"])
+    assert [float(r["estimate"]) for r in rows if r["metric"] == "entry_0_max_drift"] == [0.0, 0.0]
+    assert all((tmp_path / "report" / name).is_file() for name in summary["figures"])
+    assert any(name.endswith("attention_actions_to_prompt.svg") for name in summary["figures"])
     html = page.read_text()
     assert (
         html.count("data:image/png;base64,") >= 5

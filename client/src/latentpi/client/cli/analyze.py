@@ -1,4 +1,5 @@
-"""`latentpi analyze DIR --out REPORT`: the HTML report and summary.json of a collection folder."""
+"""`latentpi analyze DIR --out REPORT`: the HTML report, its figure files, summary.json and
+summary.csv of a collection folder (docs/analysis.md §6)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,27 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="a collection folder (DIR/<suite>/task_*.h5) or one task file")
-    parser.add_argument("--out", required=True, help="folder for index.html and summary.json")
+    parser.add_argument(
+        "--out", required=True, help="folder for index.html, figures, summary.json / .csv"
+    )
     parser.add_argument(
         "--expert",
         default="text_only",
         choices=("text_only", "expert_0", "expert_1"),
         help="whose representation the drift and the probes use (default: text_only)",
     )
-    parser.add_argument("--shuffles", type=int, default=20, help="shuffled-label repeats per probe")
+    parser.add_argument(
+        "--shuffles",
+        type=int,
+        default=200,
+        help="shuffled-label repeats per probe (default 200: smallest p = 1/201 < 0.005)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=100,
+        help="episode-resampled repeats of each cross-validation for the 95%% interval",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -26,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = ReportConfig(
-            args.expert, ProbeConfig(n_shuffles=args.shuffles, n_bootstrap=500, seed=args.seed)
+            args.expert,
+            ProbeConfig(n_shuffles=args.shuffles, n_bootstrap=args.bootstrap, seed=args.seed),
         )
         page = build_report(args.dir, args.out, config)
     except ValidationError as error:
