@@ -1,95 +1,112 @@
-"""Time of one cross-validated probe on pi0-wide features, against sklearn's defaults.
+"""Cost of the probes' statistics on pi0-wide features, against the previous per-fit approach.
 
-What probes.py does and why, measured here: the hundreds of tiny fits run with single-threaded BLAS
-(threads only add hand-off cost on small matrices); each fit is solved to convergence (Newton on the
-span of the training items, exact) rather than lbfgs at its default tolerance, whose early stop can
-change a multinomial probe's score (the last column). Each variant runs the same probe (same folds,
-shuffles, bootstrap) on the same data; the table shows median seconds over repeats and the ratio to
-the baseline measured in this run.
+The baseline is what shipped before: every shuffled-label repeat refits a logistic regression per
+fold (Newton on the span of the training items, 1 BLAS thread) — 5 fits per shuffle, per layer. The
+kernel ridge probe (probes.py) computes each fold's map once per layer, so ALL shuffles are one
+matrix product and one shuffle scores every layer; its interval refits the whole cross-validation
+on each resample of the episodes. Same data, same shuffle count; median seconds over repeats and
+the ratio to the baseline measured in this run.
 
-    .venv/bin/python bench/analysis_probes.py [--episodes 40] [--width 2048] [--shuffles 10] [--repeats 3] [--classes 2]
+    .venv/bin/python bench/analysis_probes.py [--episodes 40] [--width 2048] [--layers 19] \
+        [--shuffles 200] [--bootstrap 100] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
+import warnings
 from collections.abc import Callable
-from unittest import mock
 
 import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from latentpi.client.analysis import probes
 
 
-def _plain_model(config: probes.ProbeConfig, n_train: int, n_features: int):
-    del n_train, n_features
-    return make_pipeline(
-        StandardScaler(), LogisticRegression(C=config.regularization, max_iter=2000)
-    )
+def logistic_permutation_test(x: np.ndarray, y: np.ndarray, shuffles: int) -> float:
+    """The previous probe: out-of-fold AUROC with a refit per fold for every shuffle."""
+    rng = np.random.default_rng(0)
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(x, y))
+
+    def score(labels: np.ndarray) -> float:
+        pred = np.zeros(len(labels))
+        for train, test in folds:
+            model = make_pipeline(
+                StandardScaler(),
+                PCA(n_components=len(train), svd_solver="full"),
+                LogisticRegression(solver="newton-cholesky", tol=1e-6, max_iter=200),
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                pred[test] = model.fit(x[train], labels[train]).predict_proba(x[test])[:, 1]
+        return float(probes.auroc(labels[None].astype(bool), pred[None])[0])
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        real = score(y)
+        null = [score(rng.permutation(y)) for _ in range(shuffles)]
+    return (1 + sum(s >= real for s in null)) / (1 + shuffles)
 
 
-def _no_limit(*args: object, **kwargs: object) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
-
-
-VARIANTS: dict[str, list[tuple[str, Callable]]] = {
-    "baseline: lbfgs on all features, BLAS threads": [
-        ("_model", _plain_model),
-        ("threadpool_limits", _no_limit),
-    ],
-    "lbfgs on all features, 1 BLAS thread": [("_model", _plain_model)],
-    "span projection + Newton, BLAS threads": [("threadpool_limits", _no_limit)],
-    "span projection + Newton, 1 BLAS thread (shipped)": [],
-}
+def timed(run: Callable[[], object], repeats: int) -> float:
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--episodes", type=int, default=40)
     parser.add_argument("--width", type=int, default=2048)
-    parser.add_argument("--shuffles", type=int, default=10)
+    parser.add_argument("--layers", type=int, default=19)
+    parser.add_argument("--shuffles", type=int, default=200)
+    parser.add_argument("--bootstrap", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--classes", type=int, default=2, help="2: success probe; more: task probe")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    labels = np.arange(args.episodes) % args.classes
-    features = rng.normal(size=(args.episodes, args.width)) + 0.3 * labels[:, None]
-    run = (
-        (lambda: probes.success_probe(features, labels == 1, config))
-        if args.classes == 2
-        else (lambda: probes.task_probe(features, labels, config))
+    success = np.arange(args.episodes) % 2 == 0
+    states = (
+        rng.normal(size=(args.episodes, args.layers, args.width)) + 0.3 * success[:, None, None]
     )
-    config = probes.ProbeConfig(n_shuffles=args.shuffles, n_bootstrap=1000)
-
-    times: dict[str, float] = {}
-    scores: dict[str, float] = {}
-    for name, patches in VARIANTS.items():
-        runs = []
-        with contextlib.ExitStack() as stack:
-            for attribute, replacement in patches:
-                stack.enter_context(mock.patch.object(probes, attribute, replacement))
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                result = run()
-                runs.append(time.perf_counter() - start)
-        times[name] = statistics.median(runs)
-        scores[name] = result.score
-
-    baseline = times[next(iter(VARIANTS))]
-    fits = (1 + args.shuffles) * config.n_splits
+    one = probes.ProbeConfig(n_shuffles=args.shuffles, n_bootstrap=0)
+    full = probes.ProbeConfig(n_shuffles=args.shuffles, n_bootstrap=args.bootstrap)
+    variants: dict[str, tuple[int, Callable[[], object]]] = {
+        "baseline: logistic refit per shuffle and fold, 1 layer": (
+            1, lambda: logistic_permutation_test(states[:, 0], success, args.shuffles)
+        ),
+        "kernel ridge, all shuffles as one product, 1 layer": (
+            1, lambda: probes.success_probe(states[:, 0], success, one)
+        ),
+        f"kernel ridge, {args.layers} layers (family-wise max)": (
+            args.layers, lambda: probes.probe_by_layer(states, success, "success", one)
+        ),
+        f"+ interval: {args.bootstrap} episode resamples, {args.layers} layers": (
+            args.layers, lambda: probes.probe_by_layer(states, success, "success", full)
+        ),
+    }  # fmt: skip
+    times = {name: timed(run, args.repeats) for name, (_, run) in variants.items()}
+    baseline = times[next(iter(variants))]
     print(
-        f"{'success' if args.classes == 2 else f'{args.classes}-task'} probe: {args.episodes} episodes × {args.width} features, {fits} fits, median of {args.repeats}"
+        f"success probe: {args.episodes} episodes × {args.width} features, {args.shuffles} "
+        f"shuffles, 5 folds, median of {args.repeats}"
     )
-    print("| variant | seconds | speed-up vs baseline | score |\n| --- | --- | --- | --- |")
+    print("| variant | layers | seconds | s / layer | speed-up per layer vs baseline |")
+    print("| --- | --- | --- | --- | --- |")
     for name, seconds in times.items():
-        print(f"| {name} | {seconds:.3f} | {baseline / seconds:.1f}× | {scores[name]:.3f} |")
+        layers = variants[name][0]
+        ratio = baseline / (seconds / layers)
+        print(f"| {name} | {layers} | {seconds:.2f} | {seconds / layers:.3f} | {ratio:.1f}× |")
 
 
 if __name__ == "__main__":
