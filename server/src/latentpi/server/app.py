@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -27,7 +27,7 @@ from latentpi.protocol.errors import ProtocolError, ValidationError
 from latentpi.protocol.messages import PolicyRequest
 from latentpi.server.auth import is_authorized
 from latentpi.server.batching import BatchCompiler, DynamicBatcher, QueueFullError
-from latentpi.server.metrics import ServerMetrics
+from latentpi.server.metrics import DeviceReport, ServerMetrics
 from latentpi.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,13 @@ class PolicyEngine(Protocol):
     def prepare(self, request: PolicyRequest) -> Prepared: ...
 
     def run_batch(self, items: Sequence[Prepared]) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class ReportsDevice(Protocol):
+    """Optional: parameter bytes and device memory for /metrics."""
+
+    def device_report(self) -> DeviceReport: ...
 
 
 class PolicyServer:
@@ -93,6 +100,8 @@ class PolicyServer:
             return
         self._engine = engine
         self._metadata_frame = packb(engine.metadata())
+        if isinstance(engine, ReportsDevice):
+            self.metrics.watch_device(engine.device_report)
         self._batcher = DynamicBatcher(
             engine.run_batch,
             max_batch=self.settings.max_batch,

@@ -20,6 +20,8 @@ from latentpi.protocol.errors import ValidationError
 from latentpi.protocol.latent_layout import ArrayLayout, latent_layouts
 from latentpi.protocol.latent_spec import LatentSpec
 from latentpi.protocol.messages import PolicyRequest, PolicyResponse, ServerMetadata
+from latentpi.server import device as _device
+from latentpi.server.metrics import DeviceReport
 from latentpi.server.model.capture import CompiledSampler
 from latentpi.server.model.configs import ModelConfig, token_layout
 from latentpi.server.model.pi0 import Observation
@@ -51,11 +53,16 @@ class PolicyEngine:
     config_summary: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     sampler: CompiledSampler = field(init=False)
+    device: Any = field(init=False)
+    _param_bytes: dict[tuple[str, str], int] = field(init=False)
     _metadata: ServerMetadata = field(init=False)
     _rng: np.random.Generator = field(init=False)
     _rng_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
+        self.device = _device.serving_device()
+        _device.check_resident(self.params, self.device)  # else every call copies the weights
+        self._param_bytes = _device.param_bytes(self.params)
         self.sampler = CompiledSampler(self.model, by_row=self.batch_invariant)
         self._rng = np.random.default_rng(self.seed)
         self._metadata = ServerMetadata(
@@ -67,7 +74,11 @@ class PolicyEngine:
             action_horizon=self.model.action_horizon,
             action_dim=self.model.action_dim,
             num_steps=self.model.num_steps,
-            config={**self.config_summary, "batch_invariant": self.batch_invariant},
+            config={
+                **self.config_summary,
+                "batch_invariant": self.batch_invariant,
+                "device": _device.describe(self.device),
+            },
         )
 
     @property
@@ -81,6 +92,9 @@ class PolicyEngine:
     # -- the app's interface --------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
         return self._metadata.to_wire()
+
+    def device_report(self) -> DeviceReport:
+        return DeviceReport(str(self.device), self._param_bytes, _device.memory_stats(self.device))
 
     def prepare(self, request: PolicyRequest) -> PreparedRequest:
         inputs = self.transform.inputs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -34,12 +35,16 @@ def enable_compile_cache(path: Path | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def load_weights(config: ServingConfig) -> Any:
+def load_weights(config: ServingConfig, device: Any = None) -> Any:
+    """The config's weights as committed arrays on `device` (default: the serving device), in the
+    model dtype; a checkpoint is restored straight to the device, in bounded groups."""
     import jax
 
+    from latentpi.server import device as _device
     from latentpi.server.model.checkpoint import load_params
     from latentpi.server.model.pi0 import init_params, param_shapes
 
+    device = device or _device.serving_device()
     if config.checkpoint is None:
         # jit: eager flax init dispatches op by op and is ~10x slower even for tiny models.
         params = jax.jit(init_params, static_argnums=(0,))(
@@ -47,10 +52,30 @@ def load_weights(config: ServingConfig) -> Any:
         )
         if config.model.dtype == "bfloat16":
             params = jax.tree.map(lambda x: x.astype("bfloat16"), params)
-        return params
-    return load_params(
-        config.checkpoint, dtype=config.model.dtype, expected=param_shapes(config.model)
-    )
+        params = _device.place(params, device)
+    else:
+        params = load_params(
+            config.checkpoint,
+            dtype=config.model.dtype,
+            expected=param_shapes(config.model),
+            sharding=_device.device_sharding(device),
+        )
+    _device.check_resident(params, device)
+    return params
+
+
+def save_random_checkpoint(config: ServingConfig, out_dir: str | os.PathLike[str]) -> Path:
+    """The config's seeded random weights and the tiny norm stats, written as an openpi checkpoint
+    (`params/` + `assets/<asset_id>/norm_stats.json`): lets tests and the GPU check load a model of
+    any size through the real checkpoint path. Returns the checkpoint directory."""
+    from latentpi.server.model.checkpoint import save_params
+    from latentpi.server.norm_stats import save_norm_stats
+
+    root = Path(out_dir)
+    random = dataclasses.replace(config, checkpoint=None)
+    save_params(root / "params", load_weights(random))
+    save_norm_stats(root, tiny_norm_stats(), config.asset_id)
+    return root
 
 
 def load_norm_stats_for(config: ServingConfig) -> Any:

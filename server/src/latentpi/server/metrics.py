@@ -3,7 +3,12 @@ servers can live in one process, as tests and the embedded mode do)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
     0.005,
@@ -63,3 +68,38 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def watch_device(self, report: Callable[[], DeviceReport]) -> None:
+        """Export the device's parameter bytes and memory counters, read at every scrape."""
+        self.registry.register(_DeviceCollector(report))
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    device: str
+    param_bytes: Mapping[tuple[str, str], int]  # (device, memory kind) -> bytes
+    memory: Mapping[str, int] = field(default_factory=dict)  # bytes_in_use, peak_bytes_in_use, ...
+
+
+class _DeviceCollector(Collector):
+    def __init__(self, report: Callable[[], DeviceReport]) -> None:
+        self._report = report
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        report = self._report()
+        params = GaugeMetricFamily(
+            "latentpi_param_bytes",
+            "Bytes of model parameters, by device and memory kind",
+            labels=["device", "memory_kind"],
+        )
+        for (device, kind), nbytes in sorted(report.param_bytes.items()):
+            params.add_metric([device, kind], nbytes)
+        yield params
+        memory = GaugeMetricFamily(
+            "latentpi_device_memory_bytes",
+            "The serving device's memory counters, where the backend reports them",
+            labels=["device", "stat"],
+        )
+        for stat, nbytes in sorted(report.memory.items()):
+            memory.add_metric([report.device, stat], nbytes)
+        yield memory
