@@ -82,7 +82,7 @@ def test_check_resident_names_the_leaf_that_is_not_on_the_device() -> None:
 
 def test_engine_refuses_host_weights(checkpoint_engine: PolicyEngine) -> None:
     host_params = jax.device_get(checkpoint_engine.params)
-    with pytest.raises(_device.NotOnDeviceError, match="expected a jax.Array"):
+    with pytest.raises(_device.NotOnDeviceError, match=r"expected a jax\.Array"):
         dataclasses.replace(checkpoint_engine, params=host_params)
 
 
