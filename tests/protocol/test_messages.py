@@ -112,6 +112,22 @@ def test_extra_keys_are_ignored_and_noise_seed_is_kept(wire: dict) -> None:
     assert request.noise_seed == 7 and request.to_wire()["noise_seed"] == 7
 
 
+def test_noise_travels_as_given(wire: dict) -> None:
+    noise = np.random.default_rng(0).standard_normal((50, 32), dtype=np.float32)
+    request = PolicyRequest.from_wire(unpackb(packb(wire | {"noise": noise})))
+    assert request.noise is not None and request.noise.dtype == np.float32
+    np.testing.assert_array_equal(request.noise, noise)
+    np.testing.assert_array_equal(unpackb(packb(request.to_wire()))["noise"], noise)
+    assert "noise" not in PolicyRequest.from_wire(wire).to_wire()
+
+
+def test_float_and_channels_first_images_pass_the_protocol(wire: dict) -> None:
+    """openpi's LIBERO policy accepts them (the server converts): float pixels in [0, 1] and
+    (3, H, W)."""
+    for image in (np.zeros((224, 224, 3), np.float32), np.zeros((3, 480, 640), np.uint8)):
+        assert PolicyRequest.from_wire(wire | {"observation/image": image}).image is image
+
+
 def test_any_image_size_within_the_bound(wire: dict) -> None:
     for shape in ((256, 256, 3), (1, 2048, 3), (480, 640, 3)):
         request = PolicyRequest.from_wire(wire | {"observation/image": np.zeros(shape, np.uint8)})
@@ -145,6 +161,11 @@ def test_any_image_size_within_the_bound(wire: dict) -> None:
         ("noise_seed", 2**63, "noise_seed"),
         ("noise_seed", 1.5, "noise_seed"),
         ("noise_seed", True, "noise_seed"),
+        ("noise", np.zeros((50, 32), np.int32), "noise"),
+        ("noise", np.zeros(32, np.float32), "noise"),
+        ("noise", np.zeros((1, 2**17), np.float32), "noise"),
+        ("noise", np.full((50, 32), np.inf, np.float32), "noise"),
+        ("noise", [[0.0] * 32] * 50, "noise"),
         ("latent_spec", "everything", "latent_spec"),
         ("latent_spec", 3, "latent_spec"),
         ("latent_spec", {"pooling": "max"}, "latent_spec.pooling"),
