@@ -177,3 +177,19 @@ def test_spec_map_over_a_preset(
         rows = result[name].sum(axis=-1)  # mass over key segments: 1, or 0 for empty queries
         assert np.all(np.isclose(rows, 1.0, atol=1e-4) | np.isclose(rows, 0.0)), name
         assert np.isclose(rows, 1.0, atol=1e-4).any(), name
+
+
+def test_float_channels_first_images_give_the_uint8_answer(
+    server: RunningServer, clients: Clients
+) -> None:
+    """openpi's leniency over the wire: float [0, 1] channels-first pixels are served as the uint8
+    image they quantize to, so the actions are bit-identical with the same noise."""
+    obs = observation(2, noise_seed=9)
+    as_uint8 = clients.stock(server).infer(obs)["actions"]
+    lenient = dict(obs)
+    for key in ("observation/image", "observation/wrist_image"):
+        # +0.5 keeps (255 · x) clear of the integer below it, whatever the float rounding.
+        pixels = np.minimum((obs[key] + 0.5) / 255, 1.0)
+        lenient[key] = np.moveaxis(pixels, -1, 0).astype(np.float32)
+    np.testing.assert_array_equal(clients.stock(server).infer(lenient)["actions"], as_uint8)
+    assert as_uint8.dtype == np.float64  # as openpi's LIBERO policy returns them
