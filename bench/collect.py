@@ -3,9 +3,10 @@
     .venv/bin/python bench/collect.py                      # a few minutes on 2 cores, pi0_tiny
     .venv/bin/python bench/collect.py --server ws://H:P --max-steps 100 --trials 4 --rss-episodes 20
 
-1. steps/s: `collect` with 1 and 2 workers against a serial loop written like openpi's
-   examples/libero/main.py (one process, openpi-client's WebsocketClientPolicy, latents requested at
-   the same stride, nothing stored), same tasks, trials and server. Medians over --repeats.
+1. steps/s: `collect` with 1 and 2 workers (and, with --ray, the Ray backend with 1, 2 and 4
+   actors on a local Ray) against a serial loop written like openpi's examples/libero/main.py (one
+   process, openpi-client's WebsocketClientPolicy, latents requested at the same stride, nothing
+   stored), same tasks, trials and server. Medians over --repeats.
 2. client memory: peak RSS of a collecting process and its growth from episode 2 to the last
    (one task, --rss-episodes trials, in a subprocess of its own).
 3. bytes per episode and per task for each preset, measured from the files written (pi0_tiny's
@@ -62,6 +63,9 @@ def main() -> None:
     parser.add_argument("--short-steps", type=int, default=10, help="max steps for 2. and 3.")
     parser.add_argument("--write-mb", type=float, default=100.0, help="episode size for 4.")
     parser.add_argument("--skip", nargs="*", default=(), choices=("speed", "rss", "bytes", "write"))
+    parser.add_argument(
+        "--ray", action="store_true", help="also the Ray backend (1, 2, 4 actors, local Ray)"
+    )
     parser.add_argument("--rss-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -111,6 +115,9 @@ def _speed(args: argparse.Namespace, url: str) -> None:
         for workers in (1, 2):
             name = f"collect, {workers} worker{'s' * (workers > 1)}"
             runs[name].append(_collect_rates(args, url, workers))
+        for actors in (1, 2, 4) if args.ray else ():
+            name = f"collect --backend ray, {actors} actor{'s' * (actors > 1)}"
+            runs[name].append(_collect_rates(args, url, actors, backend="ray"))
     base_wall, base_steady = (
         statistics.median(r[i] for r in runs[next(iter(runs))]) for i in (0, 1)
     )
@@ -128,7 +135,9 @@ def _speed(args: argparse.Namespace, url: str) -> None:
         )
 
 
-def _collect_rates(args: argparse.Namespace, url: str, workers: int) -> tuple[float, float]:
+def _collect_rates(
+    args: argparse.Namespace, url: str, workers: int, backend: str = "local"
+) -> tuple[float, float]:
     done: list[tuple[float, EpisodeDone]] = []
 
     def on_event(event: object) -> None:
@@ -137,7 +146,8 @@ def _collect_rates(args: argparse.Namespace, url: str, workers: int) -> tuple[fl
 
     with tempfile.TemporaryDirectory() as out:
         start = time.monotonic()
-        collect(_options(Path(out), url, args, workers=workers), on_event=on_event, progress=False)
+        options = _options(Path(out), url, args, workers=workers, backend=backend)
+        collect(options, on_event=on_event, progress=False)
         end = time.monotonic()
     steps = sum(event.env_steps for _, event in done)
     first = min(at - event.duration_s for at, event in done)

@@ -80,10 +80,16 @@ find_links_args() {
 
 install_workspace() {
   local key
-  key="$(hash_files "$ROOT/uv.lock" "$ROOT"/pyproject.toml "$ROOT"/*/pyproject.toml)"
+  key="$(hash_files "$ROOT/uv.lock" "$ROOT"/pyproject.toml "$ROOT"/*/pyproject.toml)+ray"
   stamp_ok workspace "$key" && return
   log "uv sync (workspace)"
   (cd "$ROOT" && UV_PROJECT_ENVIRONMENT="$VENV" uv sync --inexact --quiet)
+  # Ray (the client extra `ray`: collection across hosts, tested on a loopback cluster), at the
+  # lock's version; the root project does not pull the client's optional extras.
+  log "uv sync --package latentpi-client --extra ray"
+  (cd "$ROOT" && UV_PROJECT_ENVIRONMENT="$VENV" uv sync --inexact --quiet \
+      --package latentpi-client --extra sim --extra ray)
+  "$VENV/bin/python" -c "import ray" || { log "ray does not import after the install"; exit 1; }
   stamp_set workspace "$key"
 }
 

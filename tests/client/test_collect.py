@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import h5py
 import numpy as np
 import pytest
@@ -103,7 +104,15 @@ def check_task_file(
     layouts = latent_layouts(spec, ServerMetadata.from_wire(metadata).shape)
     with TaskFile(path) as task:
         attrs = task.attrs
-        assert attrs["format_version"] == 1
+        assert attrs["format_version"] == 2
+        assert attrs["random_weights"] is True or attrs["random_weights"] == 1  # pi0_tiny
+        assert any("RANDOM WEIGHTS" in warning for warning in attrs["warnings"])
+        assert attrs["episode_arguments"]["stride"] == STRIDE
+        assert attrs["bddl"] == Path(attrs["bddl_file"]).read_text()
+        assert (
+            attrs["env_args"]["control_freq"] == 20 and attrs["env_args"]["camera_heights"] == 256
+        )
+        assert len(attrs["runs"]) >= 1 and attrs["runs"][-1]["warnings"] == attrs["warnings"]
         assert path.name == f"task_{attrs['task_id']}_{attrs['task_name']}.h5"
         assert attrs["model_config"] == "pi0_tiny"
         assert attrs["checkpoint"] == metadata["config"]["checkpoint"]
@@ -127,7 +136,10 @@ def check_task_file(
                 assert array[:].dtype.name == layout.dtype, name
                 assert array.axes == ("sample", *layout.axes)
             latent_names = set(episode.names) - {"timesteps", "actions", "states"}
-            assert {n for n in latent_names if not n.startswith("images/")} == set(layouts)
+            assert {n for n in latent_names if "/" not in n} == set(layouts)  # images/, replay/
+            steps = episode["replay/executed_actions"]
+            assert steps.shape == (episode.total_steps, 7)
+            assert len(episode["replay/query_sim_states"]) == episode.attrs["num_queries"]
             if images:
                 assert episode["images/image"].shape == (n, 224, 224, 3)
                 assert episode["images/wrist_image"][:].dtype == np.uint8
@@ -184,12 +196,20 @@ def test_second_suite_with_a_spec_file_and_images(server: SharedServer, tmp_path
             trials=1,
             latents=str(spec_file),
             save_images=True,
+            video=True,
         ),
         progress=False,
     )
     (path,) = task_files(out, "libero_goal")
     assert path.name.startswith("task_9_")  # -1: is the last of libero_goal's 10 tasks
     check_task_file(path, server.metadata(), spec, [0], images=True)
+    # --video: the agent view after the settle period and after each policy step
+    (video,) = (out / "libero_goal" / "videos").glob("*")
+    assert video.name == "task_9_episode_0000.mp4"
+    capture, frames = cv2.VideoCapture(str(video)), []
+    while (frame := capture.read())[0]:
+        frames.append(frame[1])
+    assert len(frames) == MAX_STEPS + 1 and frames[0].shape == (256, 256, 3)
     assert result.tasks[0].size_bytes == path.stat().st_size > 0
 
 
@@ -200,6 +220,10 @@ def test_changed_spec_or_model_on_resume_is_refused_before_simulating(
     with pytest.raises(ValidationError, match=r"root attribute latent_spec") as caught:
         collect(options(object_dir, server, latents="pooled"), on_event=events.append)
     assert "as stored" in str(caught.value)
+    # so is another stride, seed or settle period: episode k would not be the same episode
+    for change in ({"stride": 10}, {"seed": 8}, {"num_steps_wait": 4}):
+        with pytest.raises(ValidationError, match=r"root attribute episode_arguments"):
+            collect(options(object_dir, server, **change), on_event=events.append)
     # a file written by another model (its stored model_config differs) is refused the same way
     path = task_files(object_dir)[0]
     with h5py.File(path, "r+") as f:

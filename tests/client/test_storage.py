@@ -156,7 +156,40 @@ def test_datasets_are_chunked_per_sample_and_compressed(path: Path) -> None:
     with h5py.File(path, "r") as f:
         dataset = f["episode_0000/text_only_hidden_states"]
         assert dataset.chunks[0] == 1 and dataset.compression == "gzip" and dataset.shuffle
-        assert dataset.dtype == np.uint16 and dataset.attrs["logical_dtype"] == "bfloat16"
+        assert dataset.attrs["logical_dtype"] == "bfloat16"
+        float_type = dataset.id.get_type()  # an HDF5 float: sign 15, exponent 7-14 (bias 127)
+        assert isinstance(float_type, h5py.h5t.TypeFloatID) and float_type.get_size() == 2
+        assert float_type.get_fields() == (15, 7, 8, 0, 7) and float_type.get_ebias() == 127
+        # small per-sample datasets: many samples per chunk
+        assert f["episode_0000/states"].chunks[0] > 100
+
+
+def test_plain_h5py_reads_bfloat16_as_floats_bit_for_bit(path: Path) -> None:
+    values = (
+        np.random.default_rng(3).normal(size=(LAYERS, PROMPT, WIDTH)).astype(ml_dtypes.bfloat16)
+    )
+    values[0, 0, :6] = [np.inf, -np.inf, np.nan, -0.0, 1e-40, 3e38]  # specials and a subnormal
+    sample = make_sample(0, 0)
+    sample = Sample(sample.timestep, sample.actions, sample.state,
+                    {**sample.latents, "text_only_hidden_states": values}, LAYOUTS)  # fmt: skip
+    with TaskWriter(path, header()) as writer:
+        with writer.episode(0, init_state_idx=0, seed=7) as out:
+            out.add(sample)
+            out.add(sample)
+            out.finish(EpisodeResult(True, 5, 2, 2, 1.0, 0))
+        writer.close(consolidate=True)
+    bits = values.view(np.uint16)
+    with h5py.File(path, "r") as f:
+        plain = f["episode_0000/text_only_hidden_states"][()]  # no latentpi, no ml_dtypes
+        assert plain.dtype == np.float32
+        np.testing.assert_array_equal(plain[1].astype(ml_dtypes.bfloat16).view(np.uint16), bits)
+    with TaskFile(path) as task:
+        array = task.episodes[0]["text_only_hidden_states"]
+        for key in ((), 1, (slice(None), 0), (Ellipsis, 3), (-1, slice(1, 4), 2), (slice(0, 0),)):
+            expected = np.stack([bits, bits])[key]
+            got = array[key]
+            assert got.dtype == ml_dtypes.bfloat16, key
+            np.testing.assert_array_equal(got.view(np.uint16), expected, err_msg=str(key))
 
 
 def test_lazy_read_does_not_load_the_whole_array(path: Path) -> None:

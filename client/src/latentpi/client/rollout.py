@@ -135,13 +135,15 @@ def run_episode(
     resolution: int = POLICY_RESOLUTION,
     env_seed: int | None = None,
     noise_seed: Callable[[int], int] | None = None,
+    on_frame: Callable[[np.ndarray], None] | None = None,
 ) -> EpisodeResult:
     """Run one episode from init state `init_state_idx` (see the module doc for steps and sampling).
 
     `env_seed`: `env.seed(env_seed)` right before the reset, so the scene does not depend on what
     the env did before. `noise_seed(query_idx)`: the `noise_seed` sent with each query. An exception
     from the environment raises `SimulationError` carrying the episode so far; the policy's own
-    exceptions propagate as they are."""
+    exceptions propagate as they are. `on_frame(image)`: the agent view (upright, env resolution)
+    after the settle period and after every policy step (for a video)."""
     _check_positive("stride", stride)
     _check_positive("replan_steps", replan_steps)
     max_steps = task.max_steps if max_steps is None else max_steps
@@ -152,7 +154,7 @@ def run_episode(
         )
     spec = preset(latent_spec) if isinstance(latent_spec, str) else latent_spec
     episode = _Episode(env, task, policy, spec, stride, replan_steps, record_images, on_sample)
-    episode.noise_seed, episode.resolution = noise_seed, resolution
+    episode.noise_seed, episode.resolution, episode.on_frame = noise_seed, resolution, on_frame
     try:
         episode.start(init_states[init_state_idx], env_seed, num_steps_wait)
         episode.run(max_steps)
@@ -179,6 +181,7 @@ class _Episode:
         self.stride, self.replan_steps = stride, replan_steps
         self.record_images, self.on_sample = record_images, on_sample
         self.noise_seed: Callable[[int], int] | None = None
+        self.on_frame: Callable[[np.ndarray], None] | None = None
         self.resolution = POLICY_RESOLUTION
         self.trace = Trace()
         self.plan: collections.deque[np.ndarray] = collections.deque()
@@ -193,6 +196,11 @@ class _Episode:
         self.obs = _sim(self.env.set_init_state, init_state)
         for _ in range(num_steps_wait):
             self.obs, _, _, _ = _sim(self.env.step, list(DUMMY_ACTION))
+        self.frame()
+
+    def frame(self) -> None:
+        if self.on_frame is not None:
+            self.on_frame(np.ascontiguousarray(self.obs["agentview_image"][::-1, ::-1]))
 
     def run(self, max_steps: int) -> None:
         while self.step < max_steps:
@@ -202,6 +210,7 @@ class _Episode:
             self.trace.executed_actions.append(np.asarray(action, np.float64))
             self.obs, _, done, _ = _sim(self.env.step, action.tolist())
             self.step += 1
+            self.frame()
             if bool(done):
                 self.success = True
                 break

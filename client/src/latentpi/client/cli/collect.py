@@ -46,8 +46,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--server",
-        default="embedded",
-        help="ws://HOST:PORT of a running server, or 'embedded' (default): start one here",
+        action="append",
+        default=None,
+        help="ws://HOST:PORT of a running server, or 'embedded' (default): start one here; "
+        "repeat for several servers (--backend ray)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="local",
+        choices=("local", "ray"),
+        help="local: worker processes here; ray: episodes on a Ray cluster (default local)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster: auto, HOST:PORT (default: start a local one)",
     )
     parser.add_argument(
         "--config",
@@ -86,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--save-images", action="store_true", help="also store the images sent")
     parser.add_argument(
+        "--video", action="store_true", help="an mp4 per episode in OUT/<suite>/videos/"
+    )
+    parser.add_argument(
         "--retry-timeout", type=float, default=300.0, help="seconds to wait for a lost server"
     )
     parser.add_argument(
@@ -110,7 +126,10 @@ def run(args: argparse.Namespace) -> int:
         episodes=args.episodes,
         max_steps=args.max_steps,
         stride=args.stride,
-        server=args.server,
+        server=(args.server or ["embedded"])[0],
+        more_servers=tuple((args.server or [])[1:]),
+        backend=args.backend,
+        ray_address=args.ray_address,
         config=args.config,
         api_key=args.api_key or os.environ.get("LATENTPI_API_KEY") or None,
         workers=args.workers,
@@ -120,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         num_steps_wait=args.num_steps_wait,
         error_retries=args.error_retries,
         save_images=args.save_images,
+        video=args.video,
         retry_timeout_s=args.retry_timeout,
         compression=args.compression,
     )

@@ -22,6 +22,7 @@ from latentpi.protocol.errors import ValidationError
 from latentpi.protocol.latent_spec import PRESETS, LatentSpec
 
 EMBEDDED = "embedded"
+BACKENDS = ("local", "ray")
 MAX_SPEC_BYTES = 1 << 20  # a spec file is a few hundred bytes; refuse to read a huge one
 
 
@@ -43,12 +44,20 @@ class CollectOptions:
     latents: str = "default"  # a preset name or a spec.json path
     seed: int = 7  # env.seed (openpi: 7)
     save_images: bool = False
+    video: bool = False  # an mp4 per episode in DIR/<suite>/videos/
     replan_steps: int = 5
     num_steps_wait: int = 10
     episode_retries: int = 3  # an episode cut by a lost connection is redone this many times
     error_retries: int = 1  # an episode whose simulation raised is redone this often, then failed
     retry_timeout_s: float = 300.0  # how long a lost server is waited for (backoff)
     compression: str = "lzf"
+    backend: str = "local"  # "local" (processes on this host) or "ray" (episodes on a Ray cluster)
+    ray_address: str | None = None  # None: a local Ray; "auto" or HOST:PORT: an existing cluster
+    more_servers: tuple[str, ...] = ()  # further --server URLs (the ray backend spreads over all)
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        return (self.server, *self.more_servers)
 
     @property
     def horizon(self) -> int:
@@ -74,9 +83,12 @@ class CollectOptions:
             "latents": self.latents,
             "seed": self.seed,
             "save_images": self.save_images,
+            "video": self.video,
             "replan_steps": self.replan_steps,
             "num_steps_wait": self.num_steps_wait,
             "compression": self.compression,
+            "backend": self.backend,
+            "servers": list(self.servers),
         }
 
     def episode_arguments(self) -> dict[str, Any]:
@@ -111,6 +123,7 @@ def check_options(options: CollectOptions) -> LatentSpec:
     episode_range(options)
     if not options.embedded and not options.server.startswith(("ws://", "wss://")):
         raise ValidationError("--server", f"a ws:// or wss:// URL or '{EMBEDDED}'", options.server)
+    _check_backend(options)
     if options.embedded and not embedded_server_installed():
         raise ValidationError(
             "--server",
@@ -146,6 +159,28 @@ def episode_range(options: CollectOptions) -> range:
         ) from None
 
 
+def _check_backend(options: CollectOptions) -> None:
+    if options.backend not in BACKENDS:
+        raise ValidationError("--backend", f"one of {', '.join(BACKENDS)}", options.backend)
+    for url in options.more_servers:
+        if not url.startswith(("ws://", "wss://")):
+            raise ValidationError("--server", "ws:// or wss:// URLs after the first", url)
+    if options.backend == "local":
+        if options.more_servers:
+            raise ValidationError("--server", "one server with --backend local", options.servers)
+        return
+    if options.embedded:
+        raise ValidationError(
+            "--server", "ws://HOST:PORT of running servers with --backend ray", EMBEDDED
+        )
+    if options.video:
+        raise ValidationError("--video", "off with --backend ray (not supported yet)", True)
+    if importlib.util.find_spec("ray") is None:
+        raise ValidationError(
+            "--backend", "ray installed (latentpi-client[ray], scripts/install.sh all)", "ray"
+        )
+
+
 def embedded_server_installed() -> bool:
     """Whether `latentpi serve` can run here (a client-only install has no latentpi.server)."""
     try:
@@ -162,11 +197,11 @@ def option_warnings(options: CollectOptions, num_tasks: int) -> list[str]:
             f"--stride {options.stride} < --replan-steps {options.replan_steps}: latents are "
             "collected once per query (every query is sampled), not every stride steps"
         )
-    if options.workers > num_tasks:
-        found.append(
-            f"--workers {options.workers} > {num_tasks} task(s): workers run one task each, "
-            f"so only {num_tasks} will work"
-        )
+    units, unit = num_tasks, "task(s): workers run one task each"
+    if options.backend == "ray":
+        units, unit = num_tasks * len(episode_range(options)), "episode(s): actors run one each"
+    if options.workers > units:
+        found.append(f"--workers {options.workers} > {units} {unit}, so only {units} will work")
     return found
 
 

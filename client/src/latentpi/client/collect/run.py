@@ -68,8 +68,7 @@ def collect(
     for warning in warnings:
         logger.warning("%s", warning)
     with _server_url(options, spec) as url:
-        with connect(url, options.api_key, options.retry_timeout_s, None) as client:
-            metadata = client.metadata
+        metadata = _metadata(url, options)
         warnings += _model_warnings(metadata)
         jobs = make_jobs(options, spec, tasks, metadata, warnings)
         done = sum(_completed(job) for job in jobs)
@@ -81,7 +80,12 @@ def collect(
                 on_event(event)
 
         try:
-            run_jobs(jobs, url, options.api_key, metadata, options.workers, report)
+            if options.backend == "ray":
+                from latentpi.client.collect.ray_backend import run_ray
+
+                run_ray(jobs, options, metadata, report)
+            else:
+                run_jobs(jobs, url, options.api_key, metadata, options.workers, report)
         finally:
             bar.close()
     rows = summarize(
@@ -107,6 +111,16 @@ def _server_url(options: CollectOptions, spec: LatentSpec) -> Iterator[str]:
     ]
     with EmbeddedServer(options.config, api_key=options.api_key, extra_args=warmup) as server:
         yield server.url
+
+
+def _metadata(url: str, options: CollectOptions) -> dict[str, Any]:
+    """The server's metadata; with several servers, theirs must be the same (one model per file)."""
+    with connect(url, options.api_key, options.retry_timeout_s, None) as client:
+        metadata = client.metadata
+    for other in options.more_servers:
+        with connect(other, options.api_key, options.retry_timeout_s, metadata):
+            pass  # connect() raises ServerChanged for another model
+    return metadata
 
 
 def make_jobs(

@@ -22,9 +22,10 @@ import numpy as np
 from latentpi.client.collect.events import EpisodeDone, EpisodeRedone, Event, TaskDone
 from latentpi.client.collect.options import CollectOptions, episode_range
 from latentpi.client.collect.seeding import SEEDING_SCHEME, episode_seed, query_noise_seed
+from latentpi.client.collect.video import EpisodeVideo, video_path
 from latentpi.client.libero_env import TaskInfo, close_env, load_init_states, make_env
 from latentpi.client.policy_client import ConnectionLost, ServerUnavailable
-from latentpi.client.rollout import EpisodeResult, Policy, SimulationError, run_episode
+from latentpi.client.rollout import EpisodeResult, Policy, Sample, SimulationError, run_episode
 from latentpi.client.storage import TaskHeader, TaskWriter, task_path
 from latentpi.protocol.latent_spec import LatentSpec
 
@@ -151,6 +152,47 @@ def _redo(
     report(EpisodeRedone(task_id, k, reason))
 
 
+def episode_attrs(options: CollectOptions, task: TaskInfo, k: int) -> dict[str, Any]:
+    """The attributes episode k is written with (besides its index, init state and run seed)."""
+    attrs = {**options.episode_arguments(), "seeding": SEEDING_SCHEME}
+    attrs.pop("seed")
+    return {**attrs, "env_seed": episode_seed(options.seed, task.suite, task.task_id, k)}
+
+
+def run_one_episode(
+    job: TaskJob,
+    env: Any,
+    init_states: np.ndarray,
+    k: int,
+    policy: Policy,
+    on_sample: Callable[[Sample], None],
+    on_frame: Callable[[np.ndarray], None] | None = None,
+) -> EpisodeResult:
+    """Episode k of the job's task as every backend runs it: seeded from what it is."""
+    options, task = job.options, job.task
+
+    def noise_seed(query: int) -> int:
+        return query_noise_seed(options.seed, task.suite, task.task_id, k, query)
+
+    return run_episode(
+        env,
+        task,
+        k,
+        policy,
+        max_steps=options.horizon,
+        stride=options.stride,
+        replan_steps=options.replan_steps,
+        num_steps_wait=options.num_steps_wait,
+        latent_spec=job.spec,
+        record_images=options.save_images,
+        on_sample=on_sample,
+        init_states=init_states,
+        env_seed=episode_seed(options.seed, task.suite, task.task_id, k),
+        noise_seed=noise_seed,
+        on_frame=on_frame,
+    )
+
+
 def _episode(
     job: TaskJob,
     writer: TaskWriter,
@@ -162,31 +204,12 @@ def _episode(
 ) -> EpisodeResult:
     """One attempt at episode k; a simulation error is recorded (failed episode) or re-raised."""
     options, task = job.options, job.task
-    env_seed = episode_seed(options.seed, task.suite, task.task_id, k)
-    attrs = {**options.episode_arguments(), "env_seed": env_seed, "seeding": SEEDING_SCHEME}
-    attrs.pop("seed")
-
-    def noise_seed(query: int) -> int:
-        return query_noise_seed(options.seed, task.suite, task.task_id, k, query)
-
-    with writer.episode(k, init_state_idx=k, seed=options.seed, attrs=attrs) as episode:
+    attrs = episode_attrs(options, task, k)
+    video = EpisodeVideo(video_path(options.out, task.suite, task.task_id, k))
+    with video, writer.episode(k, init_state_idx=k, seed=options.seed, attrs=attrs) as episode:
+        on_frame = video.add if options.video else None
         try:
-            result = run_episode(
-                env,
-                task,
-                k,
-                policy,
-                max_steps=options.horizon,
-                stride=options.stride,
-                replan_steps=options.replan_steps,
-                num_steps_wait=options.num_steps_wait,
-                latent_spec=job.spec,
-                record_images=options.save_images,
-                on_sample=episode.add,
-                init_states=init_states,
-                env_seed=env_seed,
-                noise_seed=noise_seed,
-            )
+            result = run_one_episode(job, env, init_states, k, policy, episode.add, on_frame)
         except SimulationError as error:
             if not record_failure:
                 raise  # the episode's .tmp is dropped; it is redone from scratch
@@ -195,4 +218,5 @@ def _episode(
             )
             result = error.result
         episode.finish(result)  # an exception before this drops the episode's .tmp
+        video.publish()
     return result

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from latentpi.client.closing import ClosesOnExit
-from latentpi.client.storage.encoding import AXES_ATTR, LAYOUT_ATTR, decode, logical_dtype
+from latentpi.client.storage.encoding import AXES_ATTR, LAYOUT_ATTR, decode, logical_dtype, read
 from latentpi.client.storage.layout import decode_attrs, episode_dir, episode_index, group_name
 from latentpi.client.storage.sources import sources
 from latentpi.protocol.latent_spec import LatentSpec
@@ -46,7 +46,7 @@ class LazyArray:
         return self.shape[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        return decode(np.asarray(self._dataset[key]), self.dtype)
+        return decode(read(self._dataset, key), self.dtype)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         array = self[()]

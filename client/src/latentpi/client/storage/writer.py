@@ -23,7 +23,15 @@ import numpy as np
 
 from latentpi.client.closing import ClosesOnExit
 from latentpi.client.rollout import EpisodeResult, Sample
-from latentpi.client.storage.encoding import AXES_ATTR, LAYOUT_ATTR, chunk_shape, encode
+from latentpi.client.storage.encoding import (
+    AXES_ATTR,
+    LAYOUT_ATTR,
+    LOGICAL_DTYPE_ATTR,
+    bfloat16_datatype,
+    chunk_shape,
+    encode,
+    write_rows,
+)
 from latentpi.client.storage.files import fsync_path, publish, remove
 from latentpi.client.storage.layout import (
     TaskHeader,
@@ -247,7 +255,7 @@ class EpisodeWriter:
             return
         for name, dataset in self._datasets.items():
             dataset.resize(self._count, axis=0)
-            dataset[self._written : self._count] = self._blocks[name][:rows]
+            write_rows(dataset, self._written, self._blocks[name][:rows])
         self._written = self._count
 
     def finish(self, result: EpisodeResult) -> None:
@@ -296,11 +304,12 @@ class EpisodeWriter:
     def _create(self, name: str, array: np.ndarray, attrs: dict[str, Any]) -> None:
         stored, dtype_attrs = encode(np.asarray(array))
         compression = None if self._task.compression == "none" else self._task.compression
+        bfloat16 = dtype_attrs.get(LOGICAL_DTYPE_ATTR) == "bfloat16"
         dataset = self._group.create_dataset(
             name,
             shape=(0, *stored.shape),
             maxshape=(None, *stored.shape),
-            dtype=stored.dtype,
+            dtype=bfloat16_datatype(self._group) if bfloat16 else stored.dtype,
             chunks=chunk_shape(stored.shape, stored.dtype.itemsize),
             compression=compression,
             compression_opts=1 if compression == "gzip" else None,
