@@ -259,7 +259,7 @@ def _reader(
         lead = (samples, source.step % steps)
     axes = data.axes(array, name)
     if axes[-2:] == ("segment", "hidden"):  # device-pooled
-        names = _segment_names(labels)
+        names = segment_names(labels)
         if source.segment not in names:
             raise ValidationError(f"{name} segments", f"a '{source.segment}' segment", names)
         index = names.index(source.segment)
@@ -286,7 +286,7 @@ def bos_included(data: TaskData, episode_idx: int, expert_type: ExpertType) -> b
     return "position" not in data.axes(data.array(episode, name), name)
 
 
-def _segment_names(labels: Mapping[str, Any]) -> list[str]:
+def segment_names(labels: Mapping[str, Any]) -> list[str]:
     return [s if isinstance(s, str) else s[0] for s in labels.get("segments", [])]
 
 

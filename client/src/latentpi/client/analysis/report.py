@@ -133,11 +133,11 @@ def build_report(
     datas = [api.load_inference_task_data(path) for path in paths]
     try:
         sections = _sections(datas, ctx, progress)
+        summary = _summary(datas, sections)  # reads the files: before they are closed
     finally:
         for data in datas:
             data.close()
     (ctx.out / "index.html").write_text(_page(sections))
-    summary = _summary(datas, sections)
     (ctx.out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
     _write_csv(ctx.out / "summary.csv", summary["records"])
     return ctx.out / "index.html"
@@ -564,7 +564,7 @@ def _task_sources(
         array = episode[api.ARRAY_NAMES["expert_0"]]
         names = [
             n
-            for n in api._segment_names(datas[0].labels(array, "expert_0_hidden_states"))
+            for n in api.segment_names(datas[0].labels(array, "expert_0_hidden_states"))
             if n != "prompt"
         ]
         if names:
