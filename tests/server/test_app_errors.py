@@ -100,7 +100,7 @@ BAD_REQUESTS = [
         "image with 4 channels",
         {"observation/image": np.zeros((224, 224, 4), np.uint8)},
         (
-            "observation/image: expected a uint8 array of shape (H, W, 3)",
+            "observation/image: expected a uint8 or float array of shape (H, W, 3) or (3, H, W)",
             "received array of dtype uint8 and shape (224, 224, 4)",
         ),
     ),
