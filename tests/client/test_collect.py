@@ -321,6 +321,7 @@ def kill_when(
     assert wait_for(watch, 300), "the condition never held"
     time.sleep(delay)
     look()
+    assert process.poll() is None, "the collector finished before the kill: nothing was tested"
     process.kill()
     return process.wait(), kids
 
@@ -350,6 +351,8 @@ def test_sigkill_of_the_collector_at_several_moments_then_resume(
     for run_args, condition, delay in moments:
         code, kids = kill_when(run_args, condition, delay)
         assert code == -signal.SIGKILL
+        if condition is not moments[0][1]:  # killed just after an episode was published
+            assert sum(len(episodes) for episodes in completed(out).values()) >= 1
         # workers die with the collector (PR_SET_PDEATHSIG): no simulation, no lock left behind
         assert wait_for(lambda kids=kids: not any(alive(k) for k in kids), 10)
         now = completed(out)

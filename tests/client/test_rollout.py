@@ -131,9 +131,19 @@ def test_episode_queries_samples_and_requests(libero_env, libero_task, init_stat
         record_images=True,
         on_sample=samples.append,
         init_states=init_states,
+        env_seed=11,
+        noise_seed=lambda query: 1000 + query,
     )
-    assert result == EpisodeResult(False, 12, 3, 2, result.duration_s, 3)
+    assert result == EpisodeResult(False, 12, 3, 2, result.duration_s, 3, env_seed=11)
     assert len(policy.requests) == 3  # at t = 0, 5, 10
+    # the noise seeds are sent and kept with the replay data
+    assert [request["noise_seed"] for request in policy.requests] == [1000, 1001, 1002]
+    np.testing.assert_array_equal(result.replay["query_noise_seeds"], [1000, 1001, 1002])
+    np.testing.assert_array_equal(result.replay["query_timesteps"], [0, 5, 10])
+    np.testing.assert_array_equal(result.replay["query_sampled"], [True, False, True])
+    assert result.replay["executed_actions"].shape == (12, 7)
+    assert np.all(result.replay["executed_actions"][:, 2] == LIFT)
+    assert result.replay["query_sim_states"].shape[0] == 3
     for request in policy.requests:
         assert {
             "observation/image",

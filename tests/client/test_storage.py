@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -371,3 +373,21 @@ def test_the_file_keeps_the_history_of_runs(path: Path) -> None:
         assert [run["arguments"]["trials"] for run in runs] == [1, 2]
         assert task.attrs["arguments"] == {"trials": 2}  # the latest run's
         assert {"h5py", "numpy"} <= set(runs[0]["versions"])
+
+
+def test_an_unconsolidated_task_opens_in_plain_h5py_from_anywhere(path: Path) -> None:
+    """While collecting, the task file is an index of relative external links: h5py alone (no
+    latentpi, another working directory) follows them."""
+    with TaskWriter(path, header()) as writer:
+        write_episode(writer, 0)
+        write_episode(writer, 1)
+        script = (
+            "import h5py, sys\n"
+            "with h5py.File(sys.argv[1], 'r') as f:\n"
+            "    print(sorted(f), f['episode_0001/states'].shape, bool(f['episode_0000'].attrs['success']))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(path)], cwd="/", capture_output=True, text=True
+        )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['episode_0000', 'episode_0001'] (3, 8) True"
