@@ -17,6 +17,7 @@ import pytest
 
 from latentpi.cli import main
 from latentpi.client.collect import task_range
+from latentpi.client.collect.identity import model_identity, same_model
 from latentpi.client.collect.options import (
     CollectOptions,
     check_options,
@@ -24,7 +25,6 @@ from latentpi.client.collect.options import (
     option_warnings,
     select_tasks,
 )
-from latentpi.client.collect.run import model_identity
 from latentpi.client.collect.seeding import episode_seed, query_noise_seed
 from latentpi.protocol import ValidationError
 from latentpi.protocol.latent_spec import PRESETS, LatentSpec
@@ -205,6 +205,10 @@ def test_servers_that_name_no_model_are_told_apart_by_their_metadata() -> None:
     assert all("unnamed" in value for value in model_identity({}))
     named = {"model": "pi0", "config": {"name": "pi0_libero", "checkpoint": "gs://x"}}
     assert model_identity(named) == ("pi0_libero", "gs://x")
+    # the same model on another host (another device) is the same model; another dtype is not
+    on_gpu = {**named, "config": {**named["config"], "device": {"platform": "gpu"}}}
+    assert same_model(named, on_gpu) and model_identity(named) == model_identity(on_gpu)
+    assert not same_model(named, {**named, "config": {**named["config"], "dtype": "float32"}})
 
 
 def test_seeds_derive_from_what_the_episode_is() -> None:

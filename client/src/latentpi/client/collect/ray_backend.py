@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latentpi.client.collect.events import EpisodeDone, EpisodeRedone, Event, TaskDone
+from latentpi.client.collect.identity import same_model
 from latentpi.client.collect.options import CollectOptions, episode_range
 from latentpi.client.collect.task import TaskEnv, TaskJob, episode_attrs, run_one_episode
 from latentpi.client.collect.workers import CollectError
@@ -112,7 +113,7 @@ class EpisodeRunner:
         if url not in self._clients:
             backoff = Backoff(attempts=100, max_total_s=SERVER_GIVE_UP_S, max_delay_s=2.0)
             client = LatentpiPolicyClient(url, self._api_key, backoff=backoff)
-            if client.metadata != self._metadata:
+            if not same_model(client.metadata, self._metadata):
                 client.close()
                 raise ServerChanged(f"{url} serves a different model than the run's")
             self._clients[url] = client

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import uuid
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from latentpi.client.collect.events import Event
+from latentpi.client.collect.identity import config_of, model_identity, same_model
 from latentpi.client.collect.options import (
     CollectOptions,
     check_options,
@@ -31,9 +31,10 @@ from latentpi.client.collect.progress import Progress, TaskSummary, summarize, w
 from latentpi.client.collect.task import TaskJob
 from latentpi.client.collect.workers import connect, run_jobs
 from latentpi.client.libero_env import TaskInfo, env_arguments, list_tasks
+from latentpi.client.policy_client import ServerChanged
 from latentpi.client.server_process import EmbeddedServer
 from latentpi.client.storage import TaskHeader, TaskWriter
-from latentpi.client.storage.layout import RANDOM_WEIGHTS, episode_dir, to_json
+from latentpi.client.storage.layout import RANDOM_WEIGHTS, episode_dir
 from latentpi.protocol.latent_spec import LatentSpec
 
 logger = logging.getLogger(__name__)
@@ -118,8 +119,11 @@ def _metadata(url: str, options: CollectOptions) -> dict[str, Any]:
     with connect(url, options.api_key, options.retry_timeout_s, None) as client:
         metadata = client.metadata
     for other in options.more_servers:
-        with connect(other, options.api_key, options.retry_timeout_s, metadata):
-            pass  # connect() raises ServerChanged for another model
+        with connect(other, options.api_key, options.retry_timeout_s, None) as client:
+            if not same_model(client.metadata, metadata):
+                raise ServerChanged(
+                    f"{other} serves another model than {url}: every --server must serve the same"
+                )
     return metadata
 
 
@@ -139,7 +143,7 @@ def make_jobs(
 
 
 def _model_warnings(metadata: Mapping[str, Any]) -> list[str]:
-    checkpoint = str(_config(metadata).get("checkpoint", ""))
+    checkpoint = str(config_of(metadata).get("checkpoint", ""))
     if not checkpoint.startswith(RANDOM_WEIGHTS):
         return []
     warning = (
@@ -149,25 +153,6 @@ def _model_warnings(metadata: Mapping[str, Any]) -> list[str]:
     )
     logger.warning("!!! %s", warning)
     return [warning]
-
-
-def _config(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
-    config = metadata.get("config")
-    return config if isinstance(config, Mapping) else {}
-
-
-def model_identity(metadata: Mapping[str, Any]) -> tuple[str, str]:
-    """(model_config, checkpoint) as named by the server; what it does not name is replaced by a
-    digest of its whole metadata frame, so two unnamed servers never pass for the same model."""
-    config = _config(metadata)
-    digest = hashlib.sha256(to_json(dict(metadata)).encode()).hexdigest()[:16]
-    unnamed = f"unnamed (server metadata sha256:{digest})"
-    name = config.get("name", metadata.get("model"))
-    checkpoint = config.get("checkpoint")
-    return (
-        unnamed if name is None else str(name),
-        unnamed if checkpoint is None else str(checkpoint),
-    )
 
 
 def _header(
