@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from latentpi.protocol.errors import ValidationError
+from latentpi.protocol.interventions import Intervention, interventions_from_wire
 from latentpi.protocol.latent_layout import LATENT_NAMES, ArrayLayout, ModelShape
 from latentpi.protocol.latent_spec import DEFAULT_PRESET, PRESETS, LatentSpec, TokenLayout, preset
 
@@ -52,6 +53,8 @@ class PolicyRequest:
     # The flow-matching noise itself, (action_horizon, action_dim) float32 as openpi's
     # `Policy.infer(obs, noise=...)` takes it: same observation + same noise = openpi's actions.
     noise: np.ndarray | None = None
+    # What to change while the model runs (protocol/interventions.py); recorded in the response.
+    interventions: tuple[Intervention, ...] = ()
 
     def __post_init__(self) -> None:
         _check_image(IMAGE_KEY, self.image)
@@ -70,6 +73,10 @@ class PolicyRequest:
             )
         if self.noise is not None:
             _check_noise(self.noise, self.noise_seed)
+        if not isinstance(self.interventions, tuple) or not all(
+            isinstance(i, Intervention) for i in self.interventions
+        ):
+            raise ValidationError("interventions", "a tuple of Intervention", self.interventions)
         if self.latent_spec is not None:
             object.__setattr__(self, "collect_latents", True)
         elif self.collect_latents:
@@ -89,6 +96,8 @@ class PolicyRequest:
             out["noise_seed"] = self.noise_seed
         if self.noise is not None:
             out["noise"] = self.noise
+        if self.interventions:
+            out["interventions"] = [i.to_wire() for i in self.interventions]
         return out
 
     @classmethod
@@ -116,6 +125,11 @@ class PolicyRequest:
             latent_spec=spec,
             noise_seed=data.get("noise_seed"),
             noise=data.get("noise"),
+            interventions=(
+                ()
+                if data.get("interventions") is None
+                else interventions_from_wire(data["interventions"])
+            ),
         )
 
 
@@ -188,6 +202,8 @@ class PolicyResponse:
     latent_spec: LatentSpec | None = None
     server_timing: Mapping[str, float] = field(default_factory=dict)
     policy_timing: Mapping[str, float] = field(default_factory=dict)
+    # What the request changed, without its arrays (`Intervention.to_wire(arrays=False)`).
+    interventions: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if (
@@ -221,6 +237,8 @@ class PolicyResponse:
             out["server_timing"] = dict(self.server_timing)
         if self.policy_timing:
             out["policy_timing"] = dict(self.policy_timing)
+        if self.interventions:
+            out["interventions"] = [dict(record) for record in self.interventions]
         return out
 
     @classmethod
@@ -243,6 +261,7 @@ class PolicyResponse:
             latent_spec=None if raw_spec is None else LatentSpec.from_wire(raw_spec),
             server_timing=_timing("server_timing", data.get("server_timing")),
             policy_timing=_timing("policy_timing", data.get("policy_timing")),
+            interventions=_records("interventions", data.get("interventions")),
         )
 
 
@@ -265,6 +284,14 @@ def _dtype_name(dtype: np.dtype) -> str:
     if dtype == np.dtype(ml_dtypes.bfloat16):
         return "bfloat16"
     return dtype.name
+
+
+def _records(key: str, value: Any) -> tuple[Mapping[str, Any], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, Mapping) for v in value):
+        raise ValidationError(key, "a list of maps", value)
+    return tuple(value)
 
 
 def _timing(key: str, value: Any) -> dict[str, float]:

@@ -7,6 +7,7 @@ noise); `run_batch` runs on the single model thread that the batcher owns.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from latentpi.server import device as _device
 from latentpi.server.metrics import DeviceReport
 from latentpi.server.model.capture import CompiledSampler
 from latentpi.server.model.configs import ModelConfig, token_layout
+from latentpi.server.model.intervene import EditPlan, EditValues, model_dims, plan_of, stack_values
 from latentpi.server.model.pi0 import Observation
 from latentpi.server.policy.libero import LiberoPolicyTransform
 from latentpi.server.settings import ServerSettings
@@ -38,10 +40,14 @@ class PreparedRequest:
     inputs: Mapping[str, Any]  # LiberoPolicyTransform.inputs(...) for this request
     noise: np.ndarray  # (action_horizon, action_dim) float32
     spec: LatentSpec | None  # resolved against the model; None = plain inference
+    edits: EditPlan | None = None  # the interventions' structure; None = none
+    edit_values: EditValues = ()  # their arrays and scales (no batch axis)
+    records: tuple[dict[str, Any], ...] = ()  # what the response says was done
 
     @property
-    def group(self) -> LatentSpec | None:
-        return self.spec
+    def group(self) -> tuple[LatentSpec | None, EditPlan | None]:
+        """Requests that can share one compiled call."""
+        return self.spec, self.edits
 
 
 @dataclass
@@ -101,15 +107,32 @@ class PolicyEngine:
             request.image, request.wrist_image, request.state, request.prompt
         )
         spec = self.sampler.resolve(request.latent_spec) if request.collect_latents else None
-        return PreparedRequest(inputs=inputs, noise=self._noise(request), spec=spec)
+        prepared = PreparedRequest(inputs=inputs, noise=self._noise(request), spec=spec)
+        if not request.interventions:
+            return prepared
+        dims = model_dims(self.model)
+        resolved = [i.resolve(dims, index) for index, i in enumerate(request.interventions)]
+        return dataclasses.replace(
+            prepared,
+            edits=plan_of(self.model, resolved),
+            edit_values=tuple(i.values() for i in resolved),
+            records=tuple(i.to_wire(arrays=False) for i in resolved),
+        )
 
     def run_batch(self, items: Sequence[PreparedRequest]) -> list[dict[str, Any]]:
         spec = items[0].spec
         padded = self.settings.padded_batch_size(len(items))
         rows = list(items) + [items[0]] * (padded - len(items))  # padding rows are dropped below
+        edits = items[0].edits
+        values = stack_values([r.edit_values for r in rows]) if edits is not None else None
         start = time.monotonic()
         actions, latents = self.sampler.sample_actions(
-            self.params, _stack_observation(rows), np.stack([r.noise for r in rows]), spec
+            self.params,
+            _stack_observation(rows),
+            np.stack([r.noise for r in rows]),
+            spec,
+            edits=edits,
+            edit_values=values,
         )
         infer_ms = (time.monotonic() - start) * 1000
         layouts = latent_layouts(spec, self._metadata.shape) if spec is not None else {}
@@ -128,14 +151,20 @@ class PolicyEngine:
     def is_compiled(self, items: Sequence[PreparedRequest]) -> bool:
         padded = self.settings.padded_batch_size(len(items))
         image = next(iter(items[0].inputs["image"].values()))
-        return self.sampler.is_compiled(padded, str(image.dtype), items[0].spec)
+        return self.sampler.is_compiled(
+            padded, str(image.dtype), items[0].spec, edits=items[0].edits
+        )
 
     def compile(self, items: Sequence[PreparedRequest]) -> None:
         """Compile what `run_batch(items)` needs, without running it (on the compile thread)."""
         padded = self.settings.padded_batch_size(len(items))
         rows = [items[0]] * padded
         noise = np.stack([r.noise for r in rows])
-        self.sampler.precompile(self.params, _stack_observation(rows), noise, items[0].spec)
+        edits = items[0].edits
+        values = stack_values([r.edit_values for r in rows]) if edits is not None else None
+        self.sampler.precompile(
+            self.params, _stack_observation(rows), noise, items[0].spec, edits, values
+        )
 
     def warmup(
         self, specs: Sequence[LatentSpec | None] = (None,), batch_sizes: Sequence[int] = (1,)
@@ -181,6 +210,7 @@ class PolicyEngine:
             latent_layout=layouts,
             latent_spec=spec,
             policy_timing={"infer_ms": infer_ms},
+            interventions=item.records,
         )
         return response.to_wire()
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from latentpi.protocol.latent_spec import PROMPT_SEGMENT, LatentSpec, TokenLayout
 from latentpi.server.model.configs import ModelConfig, token_layout
+from latentpi.server.model.intervene import EditPlan, EditValues
 from latentpi.server.model.pi0 import Observation, Pi0, SampleResult, sample_actions
 
 Spans = tuple[tuple[int, int], ...]
@@ -191,40 +192,62 @@ def attention_mass(
 
 # -- the compiled entry point ---------------------------------------------------------------------
 def run_sampler(
-    config: ModelConfig, plan: CapturePlan | None, params: Any, obs: Observation, noise: jnp.ndarray
+    config: ModelConfig,
+    plan: CapturePlan | None,
+    params: Any,
+    obs: Observation,
+    noise: jnp.ndarray,
+    edits: EditPlan | None = None,
+    edit_values: EditValues | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
-    """Actions and latents; `plan` None builds plain inference with no capture code at all."""
+    """Actions and latents; `plan` None builds plain inference with no capture code at all, and
+    `edits` None no intervention code."""
     if plan is None:
-        return sample_actions(Pi0(config), params, obs, noise).actions, {}
+        module = Pi0(config, edits=edits)
+        return sample_actions(module, params, obs, noise, edit_values=edit_values).actions, {}
     reduce_step = plan.step_outputs if plan.needs_steps else None
-    module = Pi0(config, tap=plan)
+    module = Pi0(config, tap=plan, edits=edits)
     result = sample_actions(
-        module, params, obs, noise, reduce_step, keep_steps=plan.spec.steps or ()
+        module,
+        params,
+        obs,
+        noise,
+        reduce_step,
+        keep_steps=plan.spec.steps or (),
+        edit_values=edit_values,
     )
     return result.actions, plan.collect(result, obs)
 
 
 def run_sampler_by_row(
-    config: ModelConfig, plan: CapturePlan | None, params: Any, obs: Observation, noise: jnp.ndarray
+    config: ModelConfig,
+    plan: CapturePlan | None,
+    params: Any,
+    obs: Observation,
+    noise: jnp.ndarray,
+    edits: EditPlan | None = None,
+    edit_values: EditValues | None = None,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """`run_sampler` one row at a time inside the same program (`lax.map`): every row runs the same
     batch-1 computation whatever its batch, so its numbers never depend on its neighbours. A
     vectorized batch does not promise that: XLA picks matmul blockings by shape (on CPU, batch 4
     moves actions by ~1e-7 against batch 1)."""
 
-    def one_row(row: tuple[Observation, jnp.ndarray]) -> Any:
-        batch_of_one = jax.tree.map(lambda x: x[None], row)
-        return jax.tree.map(lambda x: x[0], run_sampler(config, plan, params, *batch_of_one))
+    def one_row(row: tuple[Observation, jnp.ndarray, EditValues | None]) -> Any:
+        obs_1, noise_1, values_1 = jax.tree.map(lambda x: x[None], row)
+        out = run_sampler(config, plan, params, obs_1, noise_1, edits, values_1)
+        return jax.tree.map(lambda x: x[0], out)
 
-    return jax.lax.map(one_row, (obs, noise))
+    return jax.lax.map(one_row, (obs, noise, edit_values))
 
 
-CacheKey = tuple[int, str, LatentSpec | None, bool]
+CacheKey = tuple[int, str, LatentSpec | None, bool, EditPlan | None]
 
 
 @dataclass
 class CompiledSampler:
-    """Compiled samplers for one model, cached per (batch size, image dtype, resolved spec, trace).
+    """Compiled samplers for one model, cached per (batch size, image dtype, resolved spec, trace,
+    intervention structure). Intervention values are arguments: new values never recompile.
 
     by_row: run each batch row by row (`run_sampler_by_row`): a request's result is bit-identical
     in any batch, at the cost of batching's throughput on accelerators.
@@ -250,11 +273,18 @@ class CompiledSampler:
         spec: LatentSpec | None = None,
         *,
         trace: bool = False,
+        edits: EditPlan | None = None,
+        edit_values: EditValues | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """-> actions (B, horizon, action_dim) and the spec's latents, as host numpy arrays."""
         observation, noise = canonical_inputs(observation, noise)
-        compiled = self.compiled(params, observation, noise, spec, trace=trace)
-        actions, latents = compiled(params, observation, noise)
+        compiled = self.compiled(
+            params, observation, noise, spec, trace=trace, edits=edits, edit_values=edit_values
+        )
+        args = (params, observation, noise)
+        if edits is not None:
+            args += (_as_float32(edit_values),)
+        actions, latents = compiled(*args)
         return jax.device_get((actions, latents))
 
     def compiled(
@@ -265,10 +295,12 @@ class CompiledSampler:
         spec: LatentSpec | None = None,
         *,
         trace: bool = False,
+        edits: EditPlan | None = None,
+        edit_values: EditValues | None = None,
     ) -> Callable[..., Any]:
         resolved = self.resolve(spec)
         image = next(iter(observation.images.values()))
-        key: CacheKey = (int(noise.shape[0]), str(image.dtype), resolved, trace)
+        key: CacheKey = (int(noise.shape[0]), str(image.dtype), resolved, trace, edits)
         with self._lock:
             future = self._cache.get(key)
             owner = future is None
@@ -276,7 +308,9 @@ class CompiledSampler:
                 future = self._cache[key] = Future()
         if owner:
             try:
-                future.set_result(self._compile(resolved, trace, params, observation, noise))
+                future.set_result(
+                    self._compile(resolved, trace, params, observation, noise, edits, edit_values)
+                )
             except BaseException as error:
                 with self._lock:
                     del self._cache[key]
@@ -285,17 +319,29 @@ class CompiledSampler:
         return future.result()
 
     def precompile(
-        self, params: Any, observation: Observation, noise: Any, spec: LatentSpec | None = None
+        self,
+        params: Any,
+        observation: Observation,
+        noise: Any,
+        spec: LatentSpec | None = None,
+        edits: EditPlan | None = None,
+        edit_values: EditValues | None = None,
     ) -> None:
         """Compile what `sample_actions` with these arguments would run, without running it."""
         observation, noise = canonical_inputs(observation, noise)
-        self.compiled(params, observation, noise, spec)
+        self.compiled(params, observation, noise, spec, edits=edits, edit_values=edit_values)
 
     def is_compiled(
-        self, batch: int, image_dtype: str, spec: LatentSpec | None, *, trace: bool = False
+        self,
+        batch: int,
+        image_dtype: str,
+        spec: LatentSpec | None,
+        *,
+        trace: bool = False,
+        edits: EditPlan | None = None,
     ) -> bool:
-        """Whether a call of this shape and spec would run without compiling first."""
-        key: CacheKey = (batch, image_dtype, self.resolve(spec), trace)
+        """Whether a call of this shape, spec and intervention structure runs without compiling."""
+        key: CacheKey = (batch, image_dtype, self.resolve(spec), trace, edits)
         with self._lock:
             future = self._cache.get(key)
         return future is not None and future.done() and future.exception() is None
@@ -309,14 +355,24 @@ class CompiledSampler:
             ]
 
     def _compile(
-        self, spec: LatentSpec | None, trace: bool, params: Any, obs: Observation, noise: Any
+        self,
+        spec: LatentSpec | None,
+        trace: bool,
+        params: Any,
+        obs: Observation,
+        noise: Any,
+        edits: EditPlan | None,
+        edit_values: EditValues | None,
     ) -> Any:
         if spec is None and trace:  # the parity trace rides on the full capture
             spec = self.resolve(LatentSpec())
         plan = None if spec is None else CapturePlan(self.config, spec, trace)
         run = run_sampler_by_row if self.by_row else run_sampler
-        fn = jax.jit(lambda p, o, n: run(self.config, plan, p, o, n))
-        return fn.lower(params, obs, noise).compile()
+        if edits is None:
+            fn = jax.jit(lambda p, o, n: run(self.config, plan, p, o, n))
+            return fn.lower(params, obs, noise).compile()
+        edited = jax.jit(lambda p, o, n, v: run(self.config, plan, p, o, n, edits, v))
+        return edited.lower(params, obs, noise, _as_float32(edit_values)).compile()
 
 
 def canonical_inputs(obs: Observation, noise: Any) -> tuple[Observation, Any]:
@@ -333,6 +389,10 @@ def canonical_inputs(obs: Observation, noise: Any) -> tuple[Observation, Any]:
         tokenized_prompt=_as(obs.tokenized_prompt, np.int32),
         tokenized_prompt_mask=_as(obs.tokenized_prompt_mask, np.bool_),
     ), _as(noise, np.float32)
+
+
+def _as_float32(values: Any) -> Any:
+    return jax.tree.map(lambda x: _as(np.asarray(x), np.float32), values)
 
 
 def _as(x: Any, dtype: Any) -> Any:

@@ -11,10 +11,13 @@ stacked on a leading depth axis by `nn.scan`, as in openpi's checkpoints.
 
 A layer may carry a `LayerTap`: a hashable object that reduces the layer's input residual stream
 (and its attention probabilities) inside the scan, so only the reduced taps ever exist per layer.
+It may also carry an `EditPlan` (model/intervene.py): interventions on the residual stream, the
+attention output, the FFN hidden units or the attention mask, whose values arrive as arguments.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from latentpi.server.model.configs import GemmaConfig
+from latentpi.server.model.intervene import EditPlan, EditValues, apply_edits, knock_out
 
 # As in Gemma: the largest negative bfloat16-safe logit for masked positions.
 BIG_NEG = -2.3819763e38
@@ -162,13 +166,14 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Gated GELU MLP: gelu(x W0) * (x W1), then back to the width."""
+    """Gated GELU MLP: gelu(x W0) * (x W1), then back to the width; `edit_hidden` may change the
+    hidden units (after the gate) first."""
 
     width: int
     mlp_dim: int
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, edit_hidden: Any = None) -> jnp.ndarray:
         gating = self.param(
             "gating_einsum", nn.initializers.lecun_normal(), (2, self.width, self.mlp_dim)
         ).astype(x.dtype)
@@ -176,6 +181,8 @@ class FeedForward(nn.Module):
             "linear", nn.initializers.lecun_normal(), (self.mlp_dim, self.width)
         ).astype(x.dtype)
         hidden = nn.gelu(jnp.dot(x, gating[0])) * jnp.dot(x, gating[1])
+        if edit_hidden is not None:
+            hidden = edit_hidden(hidden)
         return jnp.dot(hidden, linear)
 
 
@@ -192,6 +199,7 @@ class Block(nn.Module):
 
     configs: tuple[GemmaConfig, ...]
     tap: LayerTap | None = None
+    edits: EditPlan | None = None
 
     @nn.compact
     def __call__(
@@ -202,7 +210,20 @@ class Block(nn.Module):
         mask: jnp.ndarray,
         adarms_cond: Xs,
         tap_aux: Any,
+        layer: jnp.ndarray,
+        edit_ctx: tuple[EditValues, jnp.ndarray] | None,
     ):
+        values, step = edit_ctx if edit_ctx is not None else (None, jnp.int32(-1))
+
+        def edit(point: str, ys: Xs) -> list[jnp.ndarray | None]:
+            return [
+                None if y is None else apply_edits(self.edits, values, i, point, y, layer, step)
+                for i, y in enumerate(ys)
+            ]
+
+        xs = edit("residual", xs)
+        running = next(i for i, x in enumerate(xs) if x is not None)
+        mask = knock_out(self.edits, running, mask, layer, step)
         tap_in = xs
         pre, gates = [], []
         for i, x in enumerate(xs):
@@ -217,6 +238,7 @@ class Block(nn.Module):
         attended, kv_cache, probs = Attention(self.configs, with_probs=with_probs, name="attn")(
             pre, positions, mask, kv_cache
         )
+        attended = edit("attn_out", attended)
         xs = [_residual(x, y, g) for x, y, g in zip(xs, attended, gates, strict=True)]
 
         out = []
@@ -225,7 +247,12 @@ class Block(nn.Module):
                 out.append(None)
                 continue
             y, gate = RMSNorm(name=_name("pre_ffw_norm", i))(x, adarms_cond[i])
-            y = FeedForward(config.width, config.mlp_dim, name=_name("mlp", i))(y)
+            edit_hidden = None
+            if self.edits is not None and self.edits.at(i, "mlp_hidden"):
+                edit_hidden = functools.partial(
+                    apply_edits, self.edits, values, i, "mlp_hidden", layer=layer, step=step
+                )
+            y = FeedForward(config.width, config.mlp_dim, name=_name("mlp", i))(y, edit_hidden)
             out.append(_residual(x, y, gate))
         tapped = self.tap(tap_in, probs, tap_aux) if self.tap is not None else None
         return out, (kv_cache, tapped)
@@ -238,6 +265,7 @@ class Gemma(nn.Module):
     vocab_size: int
     dtype: str
     tap: LayerTap | None = None
+    edits: EditPlan | None = None
 
     def setup(self) -> None:
         self.embedder = Embedder(self.vocab_size, self.configs[0].width)
@@ -245,9 +273,9 @@ class Gemma(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=self.configs[0].depth,
-        )(configs=self.configs, tap=self.tap)
+        )(configs=self.configs, tap=self.tap, edits=self.edits)
         self.final_norms = [RMSNorm(name=_name("final_norm", i)) for i in range(len(self.configs))]
 
     def embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
@@ -261,6 +289,7 @@ class Gemma(nn.Module):
         adarms_cond: Xs | None = None,
         kv_cache: tuple[jnp.ndarray, jnp.ndarray] | None = None,
         tap_aux: Any = None,
+        edit_ctx: tuple[EditValues, jnp.ndarray] | None = None,
     ) -> tuple[
         list[jnp.ndarray | None], list[jnp.ndarray | None], tuple[jnp.ndarray, jnp.ndarray], Any
     ]:
@@ -269,7 +298,10 @@ class Gemma(nn.Module):
         mask: (B, T, S) bool, query t may attend to key s (S counts cached keys first)."""
         xs = [None if x is None else x.astype(self.dtype) for x in xs]
         conds = list(adarms_cond) if adarms_cond is not None else [None] * len(self.configs)
-        raw, (kv_cache, taps) = self.layers(xs, kv_cache, positions, mask, conds, tap_aux)
+        layer_ids = jnp.arange(self.configs[0].depth)
+        raw, (kv_cache, taps) = self.layers(
+            xs, kv_cache, positions, mask, conds, tap_aux, layer_ids, edit_ctx
+        )
         normed = [
             None if x is None else norm(x, c)[0]
             for norm, x, c in zip(self.final_norms, raw, conds, strict=True)

@@ -24,6 +24,7 @@ import numpy as np
 
 from latentpi.server.model.configs import ModelConfig
 from latentpi.server.model.gemma import Gemma, LayerTap
+from latentpi.server.model.intervene import EditPlan, EditValues
 from latentpi.server.model.pixels import PIXEL_TO_MODEL
 from latentpi.server.model.vision import SigLIP
 
@@ -86,22 +87,27 @@ class PaliGemma(nn.Module):
 
     config: ModelConfig
     tap: LayerTap | None = None
+    edits: EditPlan | None = None
 
     def setup(self) -> None:
         cfg = self.config
-        self.llm = Gemma((cfg.expert_0, cfg.expert_1), cfg.vocab_size, cfg.dtype, tap=self.tap)
+        self.llm = Gemma(
+            (cfg.expert_0, cfg.expert_1), cfg.vocab_size, cfg.dtype, tap=self.tap, edits=self.edits
+        )
         self.img = SigLIP(cfg.vision, out_width=cfg.expert_0.width, dtype=cfg.dtype)
 
 
 class Pi0(nn.Module):
-    """The network. `tap`, when set, reduces every layer's residual stream inside the layer scan."""
+    """The network. `tap`, when set, reduces every layer's residual stream inside the layer scan;
+    `edits`, when set, changes it (interventions, model/intervene.py)."""
 
     config: ModelConfig
     tap: LayerTap | None = None
+    edits: EditPlan | None = None
 
     def setup(self) -> None:
         width = self.config.expert_1.width
-        self.PaliGemma = PaliGemma(self.config, self.tap)
+        self.PaliGemma = PaliGemma(self.config, self.tap, self.edits)
         self.action_in_proj = nn.Dense(width)
         if self.config.pi05:
             self.time_mlp_in = nn.Dense(width)
@@ -131,12 +137,12 @@ class Pi0(nn.Module):
         masks.append(obs.tokenized_prompt_mask)
         return jnp.concatenate(tokens, axis=1), jnp.concatenate(masks, axis=1).astype(bool)
 
-    def prefix_pass(self, obs: Observation) -> Prefix:
+    def prefix_pass(self, obs: Observation, edit_values: EditValues | None = None) -> Prefix:
         tokens, mask = self.embed_prefix(obs)
         attn_mask = make_attn_mask(mask, np.zeros(mask.shape[1], bool))
         positions = jnp.cumsum(mask, axis=1) - 1
         (normed, _), (last, _), kv_cache, taps = self.PaliGemma.llm(
-            [tokens, None], positions, attn_mask, tap_aux=mask
+            [tokens, None], positions, attn_mask, tap_aux=mask, edit_ctx=_ctx(edit_values, -1)
         )
         return Prefix(kv_cache=kv_cache, mask=mask, final_normed=normed, taps=taps, last=last)
 
@@ -165,6 +171,8 @@ class Pi0(nn.Module):
         time: jnp.ndarray,
         kv_cache: tuple[jnp.ndarray, jnp.ndarray],
         prefix_mask: jnp.ndarray,
+        edit_values: EditValues | None = None,
+        step: jnp.ndarray | int = -1,
     ) -> tuple[jnp.ndarray, Any, jnp.ndarray]:
         """One denoising step's network call -> (v_t, per-layer taps, last-layer residual stream)."""
         tokens, ar, cond = self.embed_suffix(state, x_t, time)
@@ -180,6 +188,7 @@ class Pi0(nn.Module):
             adarms_cond=[None, cond],
             kv_cache=kv_cache,
             tap_aux=prefix_mask,
+            edit_ctx=_ctx(edit_values, step),
         )
         v_t = self.action_out_proj(normed[:, -self.config.action_horizon :])
         return v_t, taps, last
@@ -199,6 +208,7 @@ def sample_actions(
     noise: jnp.ndarray,
     reduce_step: Callable[[jnp.ndarray, Any, jnp.ndarray], Any] | None = None,
     keep_steps: tuple[int, ...] = (),
+    edit_values: EditValues | None = None,
 ) -> SampleResult:
     """Flow-matching sampling (traceable; jit it).
 
@@ -209,18 +219,30 @@ def sample_actions(
     num_steps = module.config.num_steps
     dt = -1.0 / num_steps
     batch = noise.shape[0]
-    prefix = module.apply(variables, obs, method=Pi0.prefix_pass)
+    prefix = module.apply(variables, obs, edit_values, method=Pi0.prefix_pass)
 
-    def network(x_t: jnp.ndarray, time: jnp.ndarray) -> tuple[jnp.ndarray, Any, jnp.ndarray]:
+    def network(
+        x_t: jnp.ndarray, time: jnp.ndarray, step: jnp.ndarray
+    ) -> tuple[jnp.ndarray, Any, jnp.ndarray]:
         time = jnp.broadcast_to(time, (batch,))
         return module.apply(
-            variables, obs.state, x_t, time, prefix.kv_cache, prefix.mask, method=Pi0.velocity
+            variables,
+            obs.state,
+            x_t,
+            time,
+            prefix.kv_cache,
+            prefix.mask,
+            edit_values,
+            step,
+            method=Pi0.velocity,
         )
 
     keep = reduce_step is not None and bool(keep_steps)
     buffers = None
     if keep:
-        shapes = jax.eval_shape(lambda x: reduce_step(*network(x, jnp.float32(1.0))), noise)
+        shapes = jax.eval_shape(
+            lambda x: reduce_step(*network(x, jnp.float32(1.0), jnp.int32(0))), noise
+        )
         buffers = jax.tree.map(
             lambda s: jnp.zeros((len(keep_steps) + 1, *s.shape), s.dtype), shapes
         )
@@ -229,7 +251,7 @@ def sample_actions(
 
     def step(carry: tuple[jnp.ndarray, jnp.ndarray, Any], index: jnp.ndarray):
         x_t, time, buffers = carry
-        v_t, taps, last = network(x_t, time)
+        v_t, taps, last = network(x_t, time, index)
         if keep:
             slot = jnp.asarray(slot_of_step)[index]
 
@@ -244,6 +266,11 @@ def sample_actions(
     (actions, _, buffers), _ = jax.lax.scan(step, init, jnp.arange(num_steps))
     kept = jax.tree.map(lambda buf: buf[:-1], buffers) if keep else None
     return SampleResult(actions=actions, prefix=prefix, kept=kept)
+
+
+def _ctx(values: EditValues | None, step: jnp.ndarray | int) -> Any:
+    """What the layers need to apply edits: None (no edits: nothing changes in the program)."""
+    return None if values is None else (values, jnp.asarray(step, jnp.int32))
 
 
 def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1) -> Any:
