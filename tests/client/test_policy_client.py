@@ -232,3 +232,30 @@ def test_frames_are_bounded_both_ways(server: EchoServer, port: int) -> None:
 def test_bad_url_is_a_validation_error() -> None:
     with pytest.raises(ValidationError, match=r"url: expected a ws:// or wss:// URL"):
         LatentpiPolicyClient("http://127.0.0.1:1")
+
+
+def test_a_server_that_stops_answering_is_unavailable_after_the_request_timeout(port: int) -> None:
+    hung = threading.Event()
+
+    def answer_once(request: dict[str, Any]) -> bytes:
+        if request["state"][0] > 0:
+            hung.wait(10)  # connected, metadata sent, but no answer
+        return echo(request)
+
+    server = EchoServer(port, answer_once)
+    try:
+        client = LatentpiPolicyClient(url(port), backoff=FAST, request_timeout_s=0.5)
+        assert client.infer({"state": np.zeros(7)})["actions"].shape == (4, 7)
+        start = time.monotonic()
+        with pytest.raises(ServerUnavailable, match=r"did not answer a request within 0.5 s"):
+            client.infer({"state": np.ones(7)})
+        assert 0.4 < time.monotonic() - start < 5
+        hung.set()
+        # the connection was dropped: the next request gets its own answer on a new one
+        assert client.infer({"state": np.zeros(7)})["actions"][0, 0] == 0
+        assert server.connections == 2
+        with pytest.raises(ValidationError, match="request_timeout_s"):
+            LatentpiPolicyClient(url(port), request_timeout_s=0)
+    finally:
+        hung.set()
+        server.stop()

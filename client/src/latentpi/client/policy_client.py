@@ -16,6 +16,9 @@ so rollout code takes either. What it adds:
   decides what to do.
 - A server that comes back as a different model (its metadata differs) is refused with
   `ServerChanged`: answers from two models must not end up in one file.
+- A server that stops answering (connected, no reply within `request_timeout_s`, when given)
+  raises `ServerUnavailable`; the connection is dropped (a late reply must not answer the next
+  request).
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ class LatentpiPolicyClient:
         backoff: Backoff = Backoff(),
         open_timeout_s: float = 60.0,
         resend: bool = False,
+        request_timeout_s: float | None = None,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ValidationError("url", "a ws:// or wss:// URL", url)
@@ -100,6 +104,9 @@ class LatentpiPolicyClient:
         self._backoff = backoff
         self._open_timeout_s = open_timeout_s
         self._resend = resend
+        if request_timeout_s is not None and not request_timeout_s > 0:
+            raise ValidationError("request_timeout_s", "seconds > 0 or None", request_timeout_s)
+        self._request_timeout_s = request_timeout_s
         self._ws: ClientConnection | None = None
         self._metadata: dict[str, Any] | None = None
         self.reconnects = 0
@@ -125,6 +132,8 @@ class LatentpiPolicyClient:
                 self._connect()
             try:
                 return self._exchange(frame)
+            except ServerUnavailable:  # no answer in time: not a dropped connection to retry
+                raise
             except (ConnectionClosed, OSError) as error:
                 logger.warning("connection to %s lost during a request: %s", self.url, error)
                 self._drop()
@@ -151,7 +160,13 @@ class LatentpiPolicyClient:
     def _exchange(self, frame: bytes) -> dict[str, Any]:
         assert self._ws is not None
         self._ws.send(frame)
-        reply = self._ws.recv()
+        try:
+            reply = self._ws.recv(timeout=self._request_timeout_s)
+        except TimeoutError:
+            self._drop()
+            raise ServerUnavailable(
+                f"{self.url} did not answer a request within {self._request_timeout_s} s"
+            ) from None
         if isinstance(reply, str):
             raise ServerRejected(reply)
         response = unpackb(reply, limits=self._limits)

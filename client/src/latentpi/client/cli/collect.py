@@ -105,6 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--retry-timeout", type=float, default=300.0, help="seconds to wait for a lost server"
     )
     parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds a server may take to answer one request before it counts as lost "
+        "(default: no limit; 300 with --backend ray)",
+    )
+    parser.add_argument(
         "--compression", default="lzf", choices=("lzf", "gzip", "none"), help="HDF5 compression"
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
@@ -141,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         save_images=args.save_images,
         video=args.video,
         retry_timeout_s=args.retry_timeout,
+        request_timeout_s=args.request_timeout,
         compression=args.compression,
     )
     try:
@@ -157,5 +165,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     print_summary(result.tasks, sys.stdout)
     if result.redone:
-        print(f"{result.redone} episode(s) redone after a lost connection", file=sys.stdout)
+        print(
+            f"{result.redone} episode(s) redone after a lost connection or a simulation error",
+            file=sys.stdout,
+        )
+    errors = sum(row.errors for row in result.tasks)
+    if errors:
+        print(f"{errors} episode(s) recorded as failed: the simulation raised", file=sys.stdout)
+    print(f"success table: {options.out / options.suite / 'success.csv'} (and .json)")
+    for warning in result.warnings:  # again at the end, where they are seen
+        print(f"latentpi collect: warning: {warning}", file=sys.stderr)
     return 0

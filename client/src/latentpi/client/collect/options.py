@@ -50,6 +50,7 @@ class CollectOptions:
     episode_retries: int = 3  # an episode cut by a lost connection is redone this many times
     error_retries: int = 1  # an episode whose simulation raised is redone this often, then failed
     retry_timeout_s: float = 300.0  # how long a lost server is waited for (backoff)
+    request_timeout_s: float | None = None  # a server silent this long counts as lost (ray: 300)
     compression: str = "lzf"
     backend: str = "local"  # "local" (processes on this host) or "ray" (episodes on a Ray cluster)
     ray_address: str | None = None  # None: a local Ray; "auto" or HOST:PORT: an existing cluster
@@ -121,6 +122,8 @@ def check_options(options: CollectOptions) -> LatentSpec:
         raise ValidationError("error_retries", "an integer >= 0", options.error_retries)
     _check_horizon(options)
     episode_range(options)
+    if options.request_timeout_s is not None and not options.request_timeout_s > 0:
+        raise ValidationError("--request-timeout", "seconds > 0", options.request_timeout_s)
     if not options.embedded and not options.server.startswith(("ws://", "wss://")):
         raise ValidationError("--server", f"a ws:// or wss:// URL or '{EMBEDDED}'", options.server)
     _check_backend(options)

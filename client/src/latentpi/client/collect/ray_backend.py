@@ -6,9 +6,10 @@ Why this shape:
   any actor on any host can run any episode, and a lost one is simply run again, identically.
 - An actor (`EpisodeRunner`) keeps its env across episodes (an env costs seconds to build); the
   driver gives an idle actor an episode of the task it already holds when there is one.
-- Servers are chosen by load (fewest episodes in flight). A server that stops answering (the
-  actor's client gives up after a short backoff: `SERVER_GIVE_UP_S`) is taken out, and the episode
-  goes to another server; the run stops only when no server is left.
+- Servers are chosen by load (fewest episodes in flight). A server that is gone (the actor's
+  client gives up reconnecting after `SERVER_GIVE_UP_S`) or stops answering (no reply within
+  `--request-timeout`, default `REQUEST_TIMEOUT_S`) is taken out, and the episode goes to another
+  server; the run stops only when no server is left.
 - A lost actor or worker node: actors restart (`max_restarts=-1`, possibly on another node) and Ray
   retries their calls (`max_task_retries`); a call that still fails is resubmitted by the driver.
 - Writing stays where the crash safety is: the driver holds one `TaskWriter` per task file (the
@@ -44,6 +45,7 @@ from latentpi.client.storage import TaskWriter
 logger = logging.getLogger(__name__)
 
 SERVER_GIVE_UP_S = 10.0  # an actor reports a server lost after this long without a connection
+REQUEST_TIMEOUT_S = 300.0  # a server silent this long on one request is taken out
 ACTOR_TASK_RETRIES = 3  # Ray re-runs a call whose actor died (its node lost) this often
 
 
@@ -76,9 +78,8 @@ class EpisodeRunner:
             env = self._env_for(job.task)
             samples: list[Sample] = []
             try:
-                result = run_one_episode(
-                    job, env.env, self._init_states, k, self._client(url), samples.append
-                )
+                client = self._client(url, job.options.request_timeout_s)
+                result = run_one_episode(job, env.env, self._init_states, k, client, samples.append)
             except SimulationError as error:
                 env.rebuild()
                 if errors >= job.options.error_retries:
@@ -109,10 +110,13 @@ class EpisodeRunner:
             self._init_states = load_init_states(task)
         return self._env
 
-    def _client(self, url: str) -> LatentpiPolicyClient:
+    def _client(self, url: str, request_timeout_s: float | None) -> LatentpiPolicyClient:
         if url not in self._clients:
             backoff = Backoff(attempts=100, max_total_s=SERVER_GIVE_UP_S, max_delay_s=2.0)
-            client = LatentpiPolicyClient(url, self._api_key, backoff=backoff)
+            timeout = REQUEST_TIMEOUT_S if request_timeout_s is None else request_timeout_s
+            client = LatentpiPolicyClient(
+                url, self._api_key, backoff=backoff, request_timeout_s=timeout
+            )
             if not same_model(client.metadata, self._metadata):
                 client.close()
                 raise ServerChanged(f"{url} serves a different model than the run's")

@@ -37,11 +37,17 @@ class CollectError(RuntimeError):
 
 
 def connect(
-    url: str, api_key: str | None, retry_timeout_s: float, expected: Mapping[str, Any] | None
+    url: str,
+    api_key: str | None,
+    retry_timeout_s: float,
+    expected: Mapping[str, Any] | None,
+    request_timeout_s: float | None = None,
 ) -> LatentpiPolicyClient:
     """A client that waits up to `retry_timeout_s` for a lost server and refuses a changed one."""
     backoff = Backoff(attempts=10_000, max_total_s=retry_timeout_s, max_delay_s=5.0)
-    client = LatentpiPolicyClient(url, api_key, backoff=backoff)
+    client = LatentpiPolicyClient(
+        url, api_key, backoff=backoff, request_timeout_s=request_timeout_s
+    )
     if expected is not None and client.metadata != expected:
         client.close()
         raise ServerChanged(f"{url} serves a different model than when the collection started")
@@ -61,7 +67,7 @@ def run_jobs(
         return
     retry_s = jobs[0].options.retry_timeout_s
     if workers <= 1 or len(jobs) == 1:
-        with connect(url, api_key, retry_s, metadata) as client:
+        with connect(url, api_key, retry_s, metadata, jobs[0].options.request_timeout_s) as client:
             for job in jobs:
                 collect_task(job, client, on_event)
         return
@@ -88,7 +94,16 @@ def _run_pool(
     processes = [
         context.Process(
             target=_worker_main,
-            args=(os.getpid(), todo, events, url, api_key, dict(metadata), retry_s, level),
+            args=(
+                os.getpid(),
+                todo,
+                events,
+                url,
+                api_key,
+                dict(metadata),
+                (retry_s, jobs[0].options.request_timeout_s),
+                level,
+            ),
             name=f"latentpi-collect-{i}",
             daemon=True,
         )
@@ -134,7 +149,7 @@ def _worker_main(
     url: str,
     api_key: str | None,
     metadata: dict[str, Any],
-    retry_s: float,
+    timeouts: tuple[float, float | None],
     level: int,
 ) -> None:
     die_with_parent(parent_pid)
@@ -146,7 +161,7 @@ def _worker_main(
     )
     job: TaskJob | None = None
     try:
-        with connect(url, api_key, retry_s, metadata) as client:
+        with connect(url, api_key, timeouts[0], metadata, timeouts[1]) as client:
             while (job := todo.get()) is not None:
                 collect_task(job, client, events.put)
     except Exception as error:
