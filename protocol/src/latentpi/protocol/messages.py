@@ -25,6 +25,7 @@ LIBERO_STATE_DIM = 8
 MAX_IMAGE_SIDE = 2048
 MAX_PROMPT_CHARS = 4096
 MAX_NOISE_SEED = 2**63 - 1
+MAX_PROMPT_VARIANTS = 16
 # pi0 draws (50, 32) = 1,600 values; the bound only stops a request from asking for gigabytes.
 MAX_NOISE_ELEMENTS = 65_536
 
@@ -55,6 +56,8 @@ class PolicyRequest:
     noise: np.ndarray | None = None
     # What to change while the model runs (protocol/interventions.py); recorded in the response.
     interventions: tuple[Intervention, ...] = ()
+    # The same observation and noise under other prompts ("" allowed), as one batch.
+    prompt_variants: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_image(IMAGE_KEY, self.image)
@@ -77,6 +80,7 @@ class PolicyRequest:
             isinstance(i, Intervention) for i in self.interventions
         ):
             raise ValidationError("interventions", "a tuple of Intervention", self.interventions)
+        _check_prompt_variants(self.prompt_variants)
         if self.latent_spec is not None:
             object.__setattr__(self, "collect_latents", True)
         elif self.collect_latents:
@@ -98,6 +102,8 @@ class PolicyRequest:
             out["noise"] = self.noise
         if self.interventions:
             out["interventions"] = [i.to_wire() for i in self.interventions]
+        if self.prompt_variants:
+            out["prompt_variants"] = list(self.prompt_variants)
         return out
 
     @classmethod
@@ -130,6 +136,7 @@ class PolicyRequest:
                 if data.get("interventions") is None
                 else interventions_from_wire(data["interventions"])
             ),
+            prompt_variants=_variants(data.get("prompt_variants")),
         )
 
 
@@ -172,6 +179,23 @@ def _check_noise(noise: object, noise_seed: int | None) -> None:
 _NOISE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def _variants(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple):
+        raise ValidationError("prompt_variants", "a list of prompts", value)
+    return tuple(value)
+
+
+def _check_prompt_variants(variants: object) -> None:
+    expected = f"at most {MAX_PROMPT_VARIANTS} strings of at most {MAX_PROMPT_CHARS} characters"
+    if not isinstance(variants, tuple) or len(variants) > MAX_PROMPT_VARIANTS:
+        raise ValidationError("prompt_variants", expected, variants)
+    for variant in variants:
+        if not isinstance(variant, str) or len(variant) > MAX_PROMPT_CHARS:
+            raise ValidationError("prompt_variants", expected, variant)
+
+
 def _check_state(state: object) -> None:
     if (
         not isinstance(state, np.ndarray)
@@ -204,6 +228,9 @@ class PolicyResponse:
     policy_timing: Mapping[str, float] = field(default_factory=dict)
     # What the request changed, without its arrays (`Intervention.to_wire(arrays=False)`).
     interventions: tuple[Mapping[str, Any], ...] = ()
+    # One map per prompt variant: {"prompt", "actions", <latent name>: array, ...}; the latents
+    # follow the top-level latent_layout.
+    prompt_variants: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if (
@@ -239,6 +266,8 @@ class PolicyResponse:
             out["policy_timing"] = dict(self.policy_timing)
         if self.interventions:
             out["interventions"] = [dict(record) for record in self.interventions]
+        if self.prompt_variants:
+            out["prompt_variants"] = [dict(variant) for variant in self.prompt_variants]
         return out
 
     @classmethod
@@ -262,6 +291,7 @@ class PolicyResponse:
             server_timing=_timing("server_timing", data.get("server_timing")),
             policy_timing=_timing("policy_timing", data.get("policy_timing")),
             interventions=_records("interventions", data.get("interventions")),
+            prompt_variants=_records("prompt_variants", data.get("prompt_variants")),
         )
 
 

@@ -43,6 +43,14 @@ class PreparedRequest:
     edits: EditPlan | None = None  # the interventions' structure; None = none
     edit_values: EditValues = ()  # their arrays and scales (no batch axis)
     records: tuple[dict[str, Any], ...] = ()  # what the response says was done
+    # The same observation and noise under other prompts: (prompt, model inputs) per variant.
+    variants: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+
+    def rows(self) -> list[PreparedRequest]:
+        """The model rows this request needs: its own, then one per prompt variant."""
+        return [self] + [
+            dataclasses.replace(self, inputs=inputs, variants=()) for _, inputs in self.variants
+        ]
 
     @property
     def group(self) -> tuple[LatentSpec | None, EditPlan | None]:
@@ -107,7 +115,12 @@ class PolicyEngine:
             request.image, request.wrist_image, request.state, request.prompt
         )
         spec = self.sampler.resolve(request.latent_spec) if request.collect_latents else None
-        prepared = PreparedRequest(inputs=inputs, noise=self._noise(request), spec=spec)
+        prepared = PreparedRequest(
+            inputs=inputs,
+            noise=self._noise(request),
+            spec=spec,
+            variants=tuple((p, self._with_prompt(inputs, p)) for p in request.prompt_variants),
+        )
         if not request.interventions:
             return prepared
         dims = model_dims(self.model)
@@ -120,51 +133,71 @@ class PolicyEngine:
         )
 
     def run_batch(self, items: Sequence[PreparedRequest]) -> list[dict[str, Any]]:
-        spec = items[0].spec
-        padded = self.settings.padded_batch_size(len(items))
-        rows = list(items) + [items[0]] * (padded - len(items))  # padding rows are dropped below
-        edits = items[0].edits
-        values = stack_values([r.edit_values for r in rows]) if edits is not None else None
+        """One model call per chunk of at most max_batch rows (a request with prompt variants
+        brings several rows); each request gets its own rows back."""
+        rows = [row for item in items for row in item.rows()]
         start = time.monotonic()
+        results = [r for chunk in self._chunks(rows) for r in self._run_rows(chunk)]
+        infer_ms = (time.monotonic() - start) * 1000
+        spec = items[0].spec
+        layouts = latent_layouts(spec, self._metadata.shape) if spec is not None else {}
+        responses, first = [], 0
+        for item in items:
+            count = 1 + len(item.variants)
+            own = results[first : first + count]
+            responses.append(self._response(item, own, layouts, spec, infer_ms))
+            first += count
+        return responses
+
+    def _chunks(self, rows: Sequence[PreparedRequest]) -> list[Sequence[PreparedRequest]]:
+        size = self.settings.max_batch
+        return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+    def _run_rows(
+        self, rows: Sequence[PreparedRequest]
+    ) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        padded = self.settings.padded_batch_size(len(rows))
+        full = list(rows) + [rows[0]] * (padded - len(rows))  # padding rows are dropped below
+        edits = rows[0].edits
+        values = stack_values([r.edit_values for r in full]) if edits is not None else None
         actions, latents = self.sampler.sample_actions(
             self.params,
-            _stack_observation(rows),
-            np.stack([r.noise for r in rows]),
-            spec,
+            _stack_observation(full),
+            np.stack([r.noise for r in full]),
+            rows[0].spec,
             edits=edits,
             edit_values=values,
         )
-        infer_ms = (time.monotonic() - start) * 1000
-        layouts = latent_layouts(spec, self._metadata.shape) if spec is not None else {}
         return [
-            self._response(
-                item,
-                actions[i],
-                {name: array[i] for name, array in latents.items()},
-                layouts,
-                spec,
-                infer_ms,
-            )
-            for i, item in enumerate(items)
+            (actions[i], {name: array[i] for name, array in latents.items()})
+            for i in range(len(rows))
         ]
 
     def is_compiled(self, items: Sequence[PreparedRequest]) -> bool:
-        padded = self.settings.padded_batch_size(len(items))
         image = next(iter(items[0].inputs["image"].values()))
-        return self.sampler.is_compiled(
-            padded, str(image.dtype), items[0].spec, edits=items[0].edits
+        return all(
+            self.sampler.is_compiled(size, str(image.dtype), items[0].spec, edits=items[0].edits)
+            for size in self._padded_sizes(items)
         )
 
     def compile(self, items: Sequence[PreparedRequest]) -> None:
         """Compile what `run_batch(items)` needs, without running it (on the compile thread)."""
-        padded = self.settings.padded_batch_size(len(items))
-        rows = [items[0]] * padded
-        noise = np.stack([r.noise for r in rows])
-        edits = items[0].edits
-        values = stack_values([r.edit_values for r in rows]) if edits is not None else None
-        self.sampler.precompile(
-            self.params, _stack_observation(rows), noise, items[0].spec, edits, values
-        )
+        first = items[0].rows()[0]
+        for size in self._padded_sizes(items):
+            rows = [first] * size
+            noise = np.stack([r.noise for r in rows])
+            edits = first.edits
+            values = stack_values([r.edit_values for r in rows]) if edits is not None else None
+            self.sampler.precompile(
+                self.params, _stack_observation(rows), noise, first.spec, edits, values
+            )
+
+    def _padded_sizes(self, items: Sequence[PreparedRequest]) -> set[int]:
+        rows = sum(1 + len(item.variants) for item in items)
+        chunks = [self.settings.max_batch] * (rows // self.settings.max_batch)
+        if rows % self.settings.max_batch:
+            chunks.append(rows % self.settings.max_batch)
+        return {self.settings.padded_batch_size(n) for n in chunks}
 
     def warmup(
         self, specs: Sequence[LatentSpec | None] = (None,), batch_sizes: Sequence[int] = (1,)
@@ -179,6 +212,11 @@ class PolicyEngine:
             item = PreparedRequest(dummy.inputs, dummy.noise, self.sampler.resolve(spec))
             for size in sizes:
                 self.run_batch([item] * size)
+
+    def _with_prompt(self, inputs: Mapping[str, Any], prompt: str) -> dict[str, Any]:
+        """The same model inputs under another prompt (only the tokens change)."""
+        tokens, mask = self.transform.tokenizer.tokenize(prompt)
+        return {**inputs, "tokenized_prompt": tokens, "tokenized_prompt_mask": mask}
 
     # -- helpers --------------------------------------------------------------------------------
     def _noise(self, request: PolicyRequest) -> np.ndarray:
@@ -198,21 +236,32 @@ class PolicyEngine:
     def _response(
         self,
         item: PreparedRequest,
-        actions: np.ndarray,
-        latents: dict[str, np.ndarray],
+        rows: Sequence[tuple[np.ndarray, dict[str, np.ndarray]]],
         layouts: Mapping[str, ArrayLayout],
         spec: LatentSpec | None,
         infer_ms: float,
     ) -> dict[str, Any]:
+        """Row 0 is the request's own prompt; the others its prompt variants, in order."""
+        (actions, latents), variant_rows = rows[0], rows[1:]
+        variants = tuple(
+            {"prompt": prompt, "actions": self._actions(row_actions, inputs), **row_latents}
+            for (prompt, inputs), (row_actions, row_latents) in zip(
+                item.variants, variant_rows, strict=True
+            )
+        )
         response = PolicyResponse(
-            actions=self.transform.outputs(np.asarray(actions, np.float32), item.inputs["state"]),
+            actions=self._actions(actions, item.inputs),
             latents=latents,
             latent_layout=layouts,
             latent_spec=spec,
             policy_timing={"infer_ms": infer_ms},
             interventions=item.records,
+            prompt_variants=variants,
         )
         return response.to_wire()
+
+    def _actions(self, actions: np.ndarray, inputs: Mapping[str, Any]) -> np.ndarray:
+        return self.transform.outputs(np.asarray(actions, np.float32), inputs["state"])
 
 
 def _stack_observation(rows: Sequence[PreparedRequest]) -> Observation:
