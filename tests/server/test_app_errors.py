@@ -105,14 +105,17 @@ BAD_REQUESTS = [
         ),
     ),
     BadRequest(
-        "image of floats",
-        {"observation/image": np.zeros((224, 224, 3), np.float32)},
-        ("observation/image: expected a uint8 array", "received array of dtype float32"),
+        "float image outside [0, 1]",
+        {"observation/image": np.full((224, 224, 3), 2.0, np.float32)},
+        (
+            "observation/image: expected uint8 (height, width, 3) or float in [0, 1]",
+            "outside [0, 1]",
+        ),
     ),
     BadRequest(
         "wrist image without channels",
         {"observation/wrist_image": np.zeros((224, 224), np.uint8)},
-        ("observation/wrist_image: expected a uint8 array", "shape (224, 224)"),
+        ("observation/wrist_image: expected a uint8 or float array", "shape (224, 224)"),
     ),
     BadRequest(
         "image too tall",
