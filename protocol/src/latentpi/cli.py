@@ -37,6 +37,12 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "latentpi-server",
     ),
     Subcommand(
+        "units",
+        "the tokens each FFN unit of a layer promotes (value-vector lens)",
+        "latentpi.server.cli.units",
+        "latentpi-server",
+    ),
+    Subcommand(
         "collect",
         "run LIBERO rollouts and record latents to HDF5",
         "latentpi.client.cli.collect",
