@@ -109,6 +109,10 @@ def _speed(args: argparse.Namespace, url: str) -> None:
     process start-up, imports and the first environment's construction) to the end."""
     list_tasks(SUITE)  # LIBERO's imports, once, outside every timing
     _warm_batches(url)
+    if args.ray:  # one local Ray for every Ray row, with a CPU slot for each of 4 actors
+        import ray
+
+        ray.init(num_cpus=4, logging_level="WARNING", log_to_driver=False)
     runs: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     for _ in range(args.repeats):
         runs["serial loop (openpi example)"].append(_openpi_loop(args, url))
