@@ -58,6 +58,9 @@ class PolicyRequest:
     interventions: tuple[Intervention, ...] = ()
     # The same observation and noise under other prompts ("" allowed), as one batch.
     prompt_variants: tuple[str, ...] = ()
+    # Read-outs of the captured latents through the model's heads:
+    # {"logit_lens": {"top_k": k}, "action_lens": {}} (either or both; docs/interventions.md).
+    readouts: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_image(IMAGE_KEY, self.image)
@@ -85,6 +88,14 @@ class PolicyRequest:
             object.__setattr__(self, "collect_latents", True)
         elif self.collect_latents:
             object.__setattr__(self, "latent_spec", preset(DEFAULT_PRESET))
+        if self.readouts is not None:
+            object.__setattr__(self, "readouts", check_readouts(self.readouts))
+            if not self.collect_latents:
+                raise ValidationError(
+                    "readouts",
+                    "a request that collects latents (they read the captured states)",
+                    None,
+                )
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -104,6 +115,8 @@ class PolicyRequest:
             out["interventions"] = [i.to_wire() for i in self.interventions]
         if self.prompt_variants:
             out["prompt_variants"] = list(self.prompt_variants)
+        if self.readouts:
+            out["readouts"] = dict(self.readouts)
         return out
 
     @classmethod
@@ -137,6 +150,7 @@ class PolicyRequest:
                 else interventions_from_wire(data["interventions"])
             ),
             prompt_variants=_variants(data.get("prompt_variants")),
+            readouts=data.get("readouts"),
         )
 
 
@@ -177,6 +191,31 @@ def _check_noise(noise: object, noise_seed: int | None) -> None:
 
 
 _NOISE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+MAX_TOP_K = 100
+
+
+def check_readouts(value: Any) -> dict[str, Any]:
+    """The request's `readouts` map, validated and with defaults filled in."""
+    if (
+        not isinstance(value, Mapping)
+        or not value
+        or not set(value) <= {"logit_lens", "action_lens"}
+    ):
+        raise ValidationError("readouts", "a map with logit_lens and/or action_lens", value)
+    out: dict[str, Any] = {}
+    if "logit_lens" in value:
+        lens = value["logit_lens"]
+        top_k = lens.get("top_k", 5) if isinstance(lens, Mapping) else None
+        if not _is_int(top_k) or not 1 <= top_k <= MAX_TOP_K:
+            raise ValidationError("readouts.logit_lens.top_k", f"an int in 1..{MAX_TOP_K}", top_k)
+        out["logit_lens"] = {"top_k": top_k}
+    if "action_lens" in value:
+        if value["action_lens"] is not True and value["action_lens"] != {}:
+            raise ValidationError("readouts.action_lens", "true or {}", value["action_lens"])
+        out["action_lens"] = {}
+    return out
 
 
 def _variants(value: Any) -> tuple[str, ...]:
@@ -231,6 +270,8 @@ class PolicyResponse:
     # One map per prompt variant: {"prompt", "actions", <latent name>: array, ...}; the latents
     # follow the top-level latent_layout.
     prompt_variants: tuple[Mapping[str, Any], ...] = ()
+    # {"logit_lens": {...}, "action_lens": {...}} when the request asked for read-outs.
+    readouts: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (
@@ -268,6 +309,8 @@ class PolicyResponse:
             out["interventions"] = [dict(record) for record in self.interventions]
         if self.prompt_variants:
             out["prompt_variants"] = [dict(variant) for variant in self.prompt_variants]
+        if self.readouts:
+            out["readouts"] = dict(self.readouts)
         return out
 
     @classmethod
@@ -292,6 +335,7 @@ class PolicyResponse:
             policy_timing=_timing("policy_timing", data.get("policy_timing")),
             interventions=_records("interventions", data.get("interventions")),
             prompt_variants=_records("prompt_variants", data.get("prompt_variants")),
+            readouts=_mapping("readouts", data.get("readouts") or {}),
         )
 
 

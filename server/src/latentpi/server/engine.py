@@ -28,6 +28,7 @@ from latentpi.server.model.configs import ModelConfig, token_layout
 from latentpi.server.model.intervene import EditPlan, EditValues, model_dims, plan_of, stack_values
 from latentpi.server.model.pi0 import Observation
 from latentpi.server.policy.libero import LiberoPolicyTransform
+from latentpi.server.readouts import Readouts
 from latentpi.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class PreparedRequest:
     records: tuple[dict[str, Any], ...] = ()  # what the response says was done
     # The same observation and noise under other prompts: (prompt, model inputs) per variant.
     variants: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    readouts: Mapping[str, Any] | None = None  # read-outs of the captured latents
 
     def rows(self) -> list[PreparedRequest]:
         """The model rows this request needs: its own, then one per prompt variant."""
@@ -72,12 +74,14 @@ class PolicyEngine:
     _metadata: ServerMetadata = field(init=False)
     _rng: np.random.Generator = field(init=False)
     _rng_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _readouts: Readouts = field(init=False)
 
     def __post_init__(self) -> None:
         self.device = _device.serving_device()
         _device.check_resident(self.params, self.device)  # else every call copies the weights
         self._param_bytes = _device.param_bytes(self.params)
         self.sampler = CompiledSampler(self.model, by_row=self.batch_invariant)
+        self._readouts = Readouts(self.model, self.transform.tokenizer)
         self._rng = np.random.default_rng(self.seed)
         self._metadata = ServerMetadata(
             model=self.model.variant,
@@ -120,7 +124,10 @@ class PolicyEngine:
             noise=self._noise(request),
             spec=spec,
             variants=tuple((p, self._with_prompt(inputs, p)) for p in request.prompt_variants),
+            readouts=request.readouts,
         )
+        if request.readouts and spec is not None:
+            self._readouts.check(request.readouts, latent_layouts(spec, self._metadata.shape))
         if not request.interventions:
             return prepared
         dims = model_dims(self.model)
@@ -257,6 +264,11 @@ class PolicyEngine:
             policy_timing={"infer_ms": infer_ms},
             interventions=item.records,
             prompt_variants=variants,
+            readouts=(
+                self._readouts.compute(self.params, item.readouts, latents, layouts)
+                if item.readouts
+                else {}
+            ),
         )
         return response.to_wire()
 

@@ -156,13 +156,33 @@ class Pi0(nn.Module):
         ar = np.zeros(horizon, bool)
         ar[0] = True  # the prefix (and state) never attend to the actions
         if self.config.pi05:
-            cond = nn.swish(self.time_mlp_out(nn.swish(self.time_mlp_in(time_emb))))
-            return action_tokens, ar, cond
+            return action_tokens, ar, self._time_condition(time_emb)
         time_tokens = jnp.repeat(time_emb[:, None, :], horizon, axis=1)
         mixed = self.action_time_mlp_in(jnp.concatenate([action_tokens, time_tokens], axis=-1))
         mixed = self.action_time_mlp_out(nn.swish(mixed))
         state_token = self.state_proj(state)[:, None, :]
         return jnp.concatenate([state_token, mixed], axis=1), np.concatenate([[True], ar]), None
+
+    def _time_condition(self, time_emb: jnp.ndarray) -> jnp.ndarray:
+        """pi0.5's adaRMS conditioning vector of a time embedding."""
+        return nn.swish(self.time_mlp_out(nn.swish(self.time_mlp_in(time_emb))))
+
+    # -- read-outs (docs/interventions.md): a residual-stream entry through the model's own heads --
+    def logit_lens(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Expert-0 residual states (..., width_0) -> logits over the vocabulary (..., vocab),
+        through the final norm and the tied token embedding, in float32."""
+        normed, _ = self.PaliGemma.llm.final_norms[0](x.astype(jnp.float32), None)
+        table = self.PaliGemma.llm.embedder.variables["params"]["input_embedding"]
+        return jnp.einsum("...D,VD->...V", normed, table.astype(jnp.float32))
+
+    def action_lens(self, x: jnp.ndarray, time: jnp.ndarray) -> jnp.ndarray:
+        """Expert-1 residual states at the action positions (B, horizon, width_1) at time t (B,)
+        -> the velocity that entry would predict (B, horizon, action_dim)."""
+        cond = None
+        if self.config.pi05:
+            cond = self._time_condition(posemb_sincos(time, self.config.expert_1.width))
+        normed, _ = self.PaliGemma.llm.final_norms[1](x.astype(self.config.dtype), cond)
+        return self.action_out_proj(normed)
 
     def velocity(
         self,
