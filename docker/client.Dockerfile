@@ -10,7 +10,7 @@ FROM ${BASE} AS build
 ARG UV_VERSION=0.13.9
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG RAY=1
-ENV VENV=/opt/venv PYTHONDONTWRITEBYTECODE=1 \
+ENV VENV=/opt/venv UV_PROJECT_ENVIRONMENT=/opt/venv PYTHONDONTWRITEBYTECODE=1 \
     UV_COMPILE_BYTECODE=1 UV_NO_EDITABLE=1 UV_PYTHON_DOWNLOADS=never UV_LINK_MODE=copy \
     TORCH_INDEX=${TORCH_INDEX} LATENTPI_SKIP_APT=1
 # docker/certs/*.crt: a TLS-intercepting proxy's CA, trusted here only (empty by default).
@@ -30,8 +30,10 @@ COPY scripts/install.sh scripts/wire_libero.py scripts/
 RUN mkdir -p protocol/src/latentpi client/src/latentpi \
     && PYTHON="$(command -v python3.11)" scripts/install.sh client \
     && if [ "$RAY" = 1 ]; then \
-         uv sync --frozen --inexact --quiet --package latentpi-client --extra sim --extra ray; \
+         uv sync --frozen --inexact --quiet --package latentpi-client --extra sim --extra ray \
+         && "$VENV/bin/python" -c "import ray"; \
        fi \
+    && test ! -e .venv \
     && rm -rf /root/.cache
 # 2. The sources: only the two members are reinstalled (seconds).
 COPY protocol/src protocol/src

@@ -279,6 +279,10 @@ def test_ray_profile_runs_collect_on_a_ray_head_and_workers_join_it() -> None:
     assert worker["entrypoint"] == ["ray"]
     command = [substitute_defaults(a) for a in worker["command"]]
     assert command[:3] == ["start", "--address", "127.0.0.1:6379"] and "--block" in command
+    # every node on the same fixed ports (the firewall rules of docs/deploy.md)
+    worker_ports = {a for a in command if re.fullmatch(r"--[a-z-]*port=\d+", a)}
+    head_ports = set(re.findall(r"--[a-z-]*port=\d+", head["entrypoint"][2]))
+    assert len(worker_ports) == 8 and worker_ports == head_ports
     # the Ray flags the head's command relies on exist in this CLI
     help_text = (
         subprocess.run(
