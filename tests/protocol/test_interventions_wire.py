@@ -122,7 +122,8 @@ def test_resolve_makes_every_field_explicit_and_absolute() -> None:
         {"op": "add", "site": {"expert": 0, "layers": [-1, 0, 17], "segment": "prompt",
                                "positions": [2, 5]}, "vector": vector(2048)}
     ).resolve(PI0)  # fmt: skip
-    assert add.site == Site(expert=0, point="residual", layers=(0, 17), segment="prompt",
+    # Layers in the listed order (a per-layer array follows it), negatives resolved, repeats dropped.
+    assert add.site == Site(expert=0, point="residual", layers=(17, 0), segment="prompt",
                             positions=(770, 773), steps=None)  # fmt: skip
     expert_1 = Intervention.from_wire(
         {"op": "ablate", "site": {"expert": 1, "steps": [-1]}}
@@ -201,45 +202,45 @@ def _knockout(query: tuple[int, str], key: tuple[int, str], **extra: Any) -> dic
     }
 
 
-# (wire entry, fragment of the message: the field and what was expected)
+# (wire entry, fragment of the message: the field, with the entry's index, and what was expected)
 BAD_ENTRIES: list[tuple[str, Any, str]] = [
-    ("not a map", "add", "interventions: expected a list of maps with op"),
-    ("unknown op", _add({"expert": 0}) | {"op": "steer"}, "interventions.op: expected one of add"),
-    ("missing op", {"site": {"expert": 0}}, "interventions.op: expected present"),
-    ("unknown key", _add({"expert": 0}) | {"vectr": 1}, "interventions.vectr: expected one of"),
-    ("unknown site key", _add({"expert": 0, "layer": [1]}), "interventions.site.layer: expected"),
-    ("site missing expert", _add({"layers": [1]}), "interventions.site.expert: expected present"),
-    ("expert 2", _add({"expert": 2}), "site.expert: expected 0 or 1"),
-    ("expert True", _add({"expert": True}), "site.expert: expected 0 or 1"),
-    ("unknown point", _add({"expert": 0, "point": "mlp"}), "site.point: expected one of residual"),
-    ("layers not ints", _add({"expert": 0, "layers": [1.5]}), "site.layers: expected null or a"),
-    ("empty layers", _add({"expert": 0, "layers": []}), "site.layers: expected null or a non-empty"),
-    ("steps for expert 0", _add({"expert": 0, "steps": [1]}), "site.steps: expected null for expert 0"),
-    ("negative position", _add({"expert": 0, "positions": [-1, 3]}), "site.positions: expected"),
-    ("three positions", _add({"expert": 0, "positions": [1, 2, 3]}), "site.positions: expected"),
-    ("segment not a name", _add({"expert": 0, "segment": 3}), "site.segment: expected null or a"),
-    ("add without vector", {"op": "add", "site": {"expert": 0}}, "interventions.vector: expected an array for op add"),
-    ("set without value", {"op": "set", "site": {"expert": 0}}, "interventions.value: expected an array for op set"),
-    ("no site", {"op": "ablate"}, "interventions.site: expected a site map"),
-    ("NaN vector", _add({"expert": 0}) | {"vector": np.full(2048, np.nan, np.float32)}, "interventions.vector: expected a finite float array"),
-    ("inf value", {"op": "set", "site": {"expert": 0}, "value": np.full(2048, np.inf)}, "interventions.value: expected a finite float array"),
-    ("int vector", _add({"expert": 0}) | {"vector": np.ones(2048, np.int64)}, "interventions.vector: expected a finite float array"),
-    ("float16 vector", _add({"expert": 0}) | {"vector": np.ones(2048, np.float16)}, "interventions.vector: expected a finite float array"),
-    ("list vector", _add({"expert": 0}) | {"vector": [1.0] * 2048}, "interventions.vector: expected a finite float array"),
-    ("4-axis value", {"op": "set", "site": {"expert": 0}, "value": np.ones((1, 1, 1, 2048), np.float32)}, "interventions.value: expected a finite float array"),
-    ("empty vector", _add({"expert": 0}) | {"vector": np.ones(0, np.float32)}, "interventions.vector: expected a finite float array"),
-    ("scale a string", _add({"expert": 0}, scale="big"), "interventions.scale: expected a number"),
-    ("scale a bool", _add({"expert": 0}, scale=True), "interventions.scale: expected a number"),
-    ("scale NaN", _add({"expert": 0}, scale=float("nan")), "interventions.scale: expected a finite number"),
-    ("scale_units without units", {"op": "scale_units", "site": {"expert": 0, "point": "mlp_hidden"}, "factors": np.ones(2, np.float32)}, "interventions.factors: expected one factor per unit"),
-    ("scale_units without factors", {"op": "scale_units", "site": {"expert": 0, "point": "mlp_hidden"}, "units": [1, 2]}, "interventions.factors: expected an array for op scale_units"),
-    ("factors not matching units", {"op": "scale_units", "site": {"expert": 0, "point": "mlp_hidden"}, "units": [1, 2], "factors": np.ones(3, np.float32)}, "interventions.factors: expected one factor per unit"),
-    ("units not ints", {"op": "scale_units", "site": {"expert": 0}, "units": ["a"], "factors": np.ones(1, np.float32)}, "interventions.units: expected null or a non-empty list"),
-    ("knockout prefix onto suffix", _knockout((0, "prompt"), (1, "actions")), "interventions.key: expected an expert-0 segment for expert-0 queries"),
-    ("knockout without key", {"op": "attention_knockout", "query": {"expert": 1, "segment": "actions"}}, "interventions.key: expected {expert: 0 or 1, segment: name}"),
-    ("knockout key not a map", _knockout((1, "actions"), (0, "prompt")) | {"key": "prompt"}, "interventions.key: expected {expert: 0 or 1, segment: name}"),
-    ("knockout query expert 3", _knockout((3, "actions"), (0, "prompt")), "interventions.query: expected {expert: 0 or 1"),
-    ("knockout layers not ints", _knockout((1, "actions"), (0, "prompt"), layers=["a"]), "interventions.layers: expected null or a non-empty list"),
+    ("not a map", "add", "interventions[0]: expected a list of maps with op"),
+    ("unknown op", _add({"expert": 0}) | {"op": "steer"}, "interventions[0].op: expected one of add"),
+    ("missing op", {"site": {"expert": 0}}, "interventions[0].op: expected present"),
+    ("unknown key", _add({"expert": 0}) | {"vectr": 1}, "interventions[0].vectr: expected one of"),
+    ("unknown site key", _add({"expert": 0, "layer": [1]}), "interventions[0].site.layer: expected"),
+    ("site missing expert", _add({"layers": [1]}), "interventions[0].site.expert: expected present"),
+    ("expert 2", _add({"expert": 2}), "interventions[0].site.expert: expected 0 or 1"),
+    ("expert True", _add({"expert": True}), "interventions[0].site.expert: expected 0 or 1"),
+    ("unknown point", _add({"expert": 0, "point": "mlp"}), "interventions[0].site.point: expected one of residual"),
+    ("layers not ints", _add({"expert": 0, "layers": [1.5]}), "interventions[0].site.layers: expected null or a"),
+    ("empty layers", _add({"expert": 0, "layers": []}), "interventions[0].site.layers: expected null or a non-empty"),
+    ("steps for expert 0", _add({"expert": 0, "steps": [1]}), "interventions[0].site.steps: expected null for expert 0"),
+    ("negative position", _add({"expert": 0, "positions": [-1, 3]}), "interventions[0].site.positions: expected"),
+    ("three positions", _add({"expert": 0, "positions": [1, 2, 3]}), "interventions[0].site.positions: expected"),
+    ("segment not a name", _add({"expert": 0, "segment": 3}), "interventions[0].site.segment: expected null or a"),
+    ("add without vector", {"op": "add", "site": {"expert": 0}}, "interventions[0].vector: expected an array for op add"),
+    ("set without value", {"op": "set", "site": {"expert": 0}}, "interventions[0].value: expected an array for op set"),
+    ("no site", {"op": "ablate"}, "interventions[0].site: expected a site map"),
+    ("NaN vector", _add({"expert": 0}) | {"vector": np.full(2048, np.nan, np.float32)}, "interventions[0].vector: expected a finite float array"),
+    ("inf value", {"op": "set", "site": {"expert": 0}, "value": np.full(2048, np.inf)}, "interventions[0].value: expected a finite float array"),
+    ("int vector", _add({"expert": 0}) | {"vector": np.ones(2048, np.int64)}, "interventions[0].vector: expected a finite float array"),
+    ("float16 vector", _add({"expert": 0}) | {"vector": np.ones(2048, np.float16)}, "interventions[0].vector: expected a finite float array"),
+    ("list vector", _add({"expert": 0}) | {"vector": [1.0] * 2048}, "interventions[0].vector: expected a finite float array"),
+    ("4-axis value", {"op": "set", "site": {"expert": 0}, "value": np.ones((1, 1, 1, 2048), np.float32)}, "interventions[0].value: expected a finite float array"),
+    ("empty vector", _add({"expert": 0}) | {"vector": np.ones(0, np.float32)}, "interventions[0].vector: expected a finite float array"),
+    ("scale a string", _add({"expert": 0}, scale="big"), "interventions[0].scale: expected a number"),
+    ("scale a bool", _add({"expert": 0}, scale=True), "interventions[0].scale: expected a number"),
+    ("scale NaN", _add({"expert": 0}, scale=float("nan")), "interventions[0].scale: expected a finite number"),
+    ("scale_units without units", {"op": "scale_units", "site": {"expert": 0, "point": "mlp_hidden"}, "factors": np.ones(2, np.float32)}, "interventions[0].factors: expected one factor per unit"),
+    ("scale_units without factors", {"op": "scale_units", "site": {"expert": 0, "point": "mlp_hidden"}, "units": [1, 2]}, "interventions[0].factors: expected an array for op scale_units"),
+    ("factors not matching units", {"op": "scale_units", "site": {"expert": 0, "point": "mlp_hidden"}, "units": [1, 2], "factors": np.ones(3, np.float32)}, "interventions[0].factors: expected one factor per unit"),
+    ("units not ints", {"op": "scale_units", "site": {"expert": 0}, "units": ["a"], "factors": np.ones(1, np.float32)}, "interventions[0].units: expected null or a non-empty list"),
+    ("knockout prefix onto suffix", _knockout((0, "prompt"), (1, "actions")), "interventions[0].key: expected an expert-0 segment for expert-0 queries"),
+    ("knockout without key", {"op": "attention_knockout", "query": {"expert": 1, "segment": "actions"}}, "interventions[0].key: expected {expert: 0 or 1, segment: name}"),
+    ("knockout key not a map", _knockout((1, "actions"), (0, "prompt")) | {"key": "prompt"}, "interventions[0].key: expected {expert: 0 or 1, segment: name}"),
+    ("knockout query expert 3", _knockout((3, "actions"), (0, "prompt")), "interventions[0].query: expected {expert: 0 or 1"),
+    ("knockout layers not ints", _knockout((1, "actions"), (0, "prompt"), layers=["a"]), "interventions[0].layers: expected null or a non-empty list"),
 ]  # fmt: skip
 
 
@@ -318,32 +319,17 @@ def test_pi05_has_no_state_segment() -> None:
     assert entry.resolve(PI0).site.positions == (0, 1)  # type: ignore[union-attr]
 
 
-# -- found bugs (strict xfail: they pass once fixed) -------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: site.expert 1.0 (a float, as msgpack may carry it) passes Site validation "
-    "(1.0 in (0, 1)) and resolve then raises TypeError (tuple index), not ValidationError",
-)
+# -- malformed sites and knockouts: named errors --------------------------------------------------
 def test_a_float_expert_is_refused() -> None:
     with pytest.raises(ValidationError, match=r"site\.expert"):
         Intervention.from_wire(_add({"expert": 1.0}, width=1024)).resolve(PI0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: site.positions given as a bare int raises TypeError (len() of an int) in "
-    "Site.__post_init__ instead of a ValidationError naming site.positions",
-)
 def test_positions_not_a_list_are_refused() -> None:
     with pytest.raises(ValidationError, match=r"site\.positions"):
         Intervention.from_wire(_add({"expert": 0, "positions": 3}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: attention_knockout with expert-0 queries accepts steps and drops them in resolve "
-    "(a Site refuses steps for expert 0 with a clear error; the knockout should too)",
-)
 def test_knockout_steps_for_prefix_queries_are_refused() -> None:
     with pytest.raises(ValidationError, match="steps"):
         Intervention.from_wire(_knockout((0, "base_0_rgb"), (0, "prompt"), steps=[1])).resolve(PI0)

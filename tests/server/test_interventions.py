@@ -457,25 +457,25 @@ def _add(site: dict[str, Any], vector: Any = None, **extra: Any) -> dict[str, An
 
 # (name, interventions, fragments of the error: "<field>: expected ..." and the received value)
 BAD_INTERVENTIONS: list[tuple[str, Any, tuple[str, ...]]] = [
-    ("unknown op", [_add({"expert": 0}) | {"op": "steer"}], ("interventions.op: expected one of add, set, patch", "'steer'")),
-    ("unknown key", [_add({"expert": 0}) | {"vectr": 1}], ("interventions.vectr: expected one of",)),
-    ("unknown site key", [_add({"expert": 0, "layer": 1})], ("interventions.site.layer: expected one of",)),
+    ("unknown op", [_add({"expert": 0}) | {"op": "steer"}], ("interventions[0].op: expected one of add, set, patch", "'steer'")),
+    ("unknown key", [_add({"expert": 0}) | {"vectr": 1}], ("interventions[0].vectr: expected one of",)),
+    ("unknown site key", [_add({"expert": 0, "layer": 1})], ("interventions[0].site.layer: expected one of",)),
     ("wrong width", [_add({"expert": 0}, np.ones(WIDTH_1, np.float32))], ("interventions[0].vector: expected shape (64,) or (816, 64) or (3, 816, 64)", "shape (32,)")),
     ("layer out of range", [_add({"expert": 0, "layers": [3]})], ("interventions[0].site.layers: expected indices in [-3, 2]", "received 3 (int)")),
     ("step out of range", [_add({"expert": 1, "steps": [10]}, np.ones(WIDTH_1, np.float32))], ("interventions[0].site.steps: expected indices in [-10, 9]",)),
     ("unknown segment", [_add({"expert": 0, "segment": "nose"})], ("interventions[0].site.segment: expected a segment of expert 0 among base_0_rgb", "'nose'")),
-    ("NaN vector", [_add({"expert": 0}, np.full(WIDTH_0, np.nan, np.float32))], ("interventions.vector: expected a finite float array", "NaN")),
+    ("NaN vector", [_add({"expert": 0}, np.full(WIDTH_0, np.nan, np.float32))], ("interventions[0].vector: expected a finite float array", "NaN")),
     ("too many entries", [_add({"expert": 0})] * 17, ("interventions: expected 1 to 16 entries", "17 entries")),
-    ("knockout of prefix queries onto the suffix", [{"op": "attention_knockout", "query": {"expert": 0, "segment": "prompt"}, "key": {"expert": 1, "segment": "actions"}}], ("interventions.key: expected an expert-0 segment for expert-0 queries",)),
-    ("scale_units without matching factors", [{"op": "scale_units", "site": {"expert": 0, "point": "mlp_hidden"}, "units": [1, 2], "factors": np.ones(3, np.float32)}], ("interventions.factors: expected one factor per unit", "shape (3,)")),
+    ("knockout of prefix queries onto the suffix", [{"op": "attention_knockout", "query": {"expert": 0, "segment": "prompt"}, "key": {"expert": 1, "segment": "actions"}}], ("interventions[0].key: expected an expert-0 segment for expert-0 queries",)),
+    ("scale_units without matching factors", [{"op": "scale_units", "site": {"expert": 0, "point": "mlp_hidden"}, "units": [1, 2], "factors": np.ones(3, np.float32)}], ("interventions[0].factors: expected one factor per unit", "shape (3,)")),
     ("unit out of range", [{"op": "scale_units", "site": {"expert": 1, "point": "mlp_hidden"}, "units": [64], "factors": np.ones(1, np.float32)}], ("interventions[0].units: expected indices in [0, 64)",)),
     ("positions out of the segment", [_add({"expert": 0, "segment": "prompt", "positions": [40, 49]})], ("interventions[0].site.positions: expected [start, stop] with start < stop <= 48", "[40, 49]")),
-    ("unknown point", [_add({"expert": 0, "point": "mlp"})], ("site.point: expected one of residual, attn_out, mlp_hidden", "'mlp'")),
-    ("steps for expert 0", [_add({"expert": 0, "steps": [1]})], ("site.steps: expected null for expert 0",)),
+    ("unknown point", [_add({"expert": 0, "point": "mlp"})], ("interventions[0].site.point: expected one of residual, attn_out, mlp_hidden", "'mlp'")),
+    ("steps for expert 0", [_add({"expert": 0, "steps": [1]})], ("interventions[0].site.steps: expected null for expert 0",)),
     ("value for other layers", [{"op": "set", "site": {"expert": 0, "segment": "prompt", "layers": [0, 1]}, "value": np.ones((3, 48, WIDTH_0), np.float32)}], ("interventions[0].value: expected shape (64,) or (48, 64) or (2, 48, 64)", "shape (3, 48, 64)")),
     ("second entry bad", [_add({"expert": 0}), _add({"expert": 1, "segment": "prompt"}, np.ones(WIDTH_1, np.float32))], ("interventions[1].site.segment: expected a segment of expert 1 among state, actions",)),
     ("not a list", {"op": "add"}, ("interventions: expected a list of intervention maps",)),
-    ("scale a string", [_add({"expert": 0}, scale="big")], ("interventions.scale: expected a number", "'big'")),
+    ("scale a string", [_add({"expert": 0}, scale="big")], ("interventions[0].scale: expected a number", "'big'")),
 ]  # fmt: skip
 
 
@@ -498,12 +498,6 @@ def test_bad_interventions_are_named_and_the_connection_keeps_serving(
     assert policy.infer(observation(1))["actions"].shape == (50, 7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a malformed site gives 'internal server error', not 'bad request: ...': site.expert "
-    "1.0 (a float on the wire) passes Site validation and resolve raises TypeError (tuple index); "
-    "site.positions 3 (not a list) raises TypeError (len of an int) in Site.__post_init__",
-)
 @pytest.mark.parametrize(
     "site", [{"expert": 1.0}, {"expert": 1, "positions": 3}], ids=["float expert", "int positions"]
 )
@@ -517,13 +511,7 @@ def test_malformed_sites_are_bad_requests(
     assert policy.infer(observation(1))["actions"].shape == (50, 7)
 
 
-# -- bugs in the structure (strict xfail: they pass once fixed) --------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: EditPlan (the compiled function's cache key and the batcher's group) omits the "
-    "arrays' shapes: an `add` with a per-position vector (P, W) at a site already compiled for a "
-    "(W,) vector reuses that function and fails on the argument shapes",
-)
+# -- the structure: shapes and the listed layer order ---------------------------------------------
 def test_a_new_vector_shape_at_the_same_site_is_a_new_structure(
     pi0: PolicyEngine, steered: Result
 ) -> None:
@@ -533,11 +521,6 @@ def test_a_new_vector_shape_at_the_same_site_is_a_new_structure(
     assert_identical(got, steered)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: resolve sorts site.layers but a (layers, positions, width) value stays in the "
-    "order the request listed them: layers [2, 1, 0] apply value[0] (meant for layer 2) at layer 0",
-)
 def test_per_layer_values_follow_the_listed_layer_order(
     pi0: PolicyEngine, recorded: dict[str, Result]
 ) -> None:

@@ -23,6 +23,13 @@ class ValidationError(ValueError):
         self.received = describe(received)
         super().__init__(f"{field}: expected {expected}, received {self.received}")
 
+    def renamed(self, field: str) -> ValidationError:
+        """The same error under another field name (e.g. with the index of a list entry)."""
+        error = ValidationError(field, self.expected, None)
+        error.received = self.received
+        error.args = (f"{field}: expected {self.expected}, received {self.received}",)
+        return error
+
 
 def describe(value: object) -> str:
     """A short, safe description of a received value (arrays by dtype and shape, never their data)."""

@@ -70,7 +70,7 @@ class Site:
     steps: tuple[int, ...] | None = None  # expert 1 only: denoising steps; None = all
 
     def __post_init__(self) -> None:
-        if self.expert not in (0, 1) or isinstance(self.expert, bool):
+        if not _is_int(self.expert) or self.expert not in (0, 1):
             raise ValidationError("site.expert", "0 or 1", self.expert)
         if self.point not in POINTS:
             raise ValidationError("site.point", f"one of {', '.join(POINTS)}", self.point)
@@ -79,7 +79,9 @@ class Site:
         if self.segment is not None and not isinstance(self.segment, str):
             raise ValidationError("site.segment", "null or a segment name", self.segment)
         if self.positions is not None and not (
-            len(self.positions) == 2 and all(_is_int(p) and p >= 0 for p in self.positions)
+            isinstance(self.positions, tuple)
+            and len(self.positions) == 2
+            and all(_is_int(p) and p >= 0 for p in self.positions)
         ):
             raise ValidationError("site.positions", "[start, stop] with 0 <= start", self.positions)
         if self.expert == 0 and self.steps is not None:
@@ -157,6 +159,11 @@ class Intervention:
             self._check_knockout()
         elif not isinstance(self.site, Site):
             raise ValidationError("interventions.site", "a site map", self.site)
+        for name in _OP_FIELDS:
+            if name not in _OP_FIELDS_OF[self.op] and getattr(self, name) is not None:
+                raise ValidationError(
+                    f"interventions.{name}", f"absent for op {self.op}", getattr(self, name)
+                )
         required = {"add": "vector", "set": "value", "scale_units": "factors"}.get(self.op)
         if required is not None and getattr(self, required) is None:
             raise ValidationError(f"interventions.{required}", f"an array for op {self.op}", None)
@@ -192,6 +199,12 @@ class Intervention:
             )
         _check_ints("interventions.layers", self.layers)
         _check_ints("interventions.steps", self.steps)
+        if self.query[0] == 0 and self.steps is not None:  # type: ignore[index]
+            raise ValidationError(
+                "interventions.steps",
+                "null for expert-0 queries (the prefix runs once per call)",
+                self.steps,
+            )
 
     def _check_units(self) -> None:
         _check_ints("interventions.units", self.units)
@@ -308,6 +321,15 @@ class Intervention:
         return out
 
 
+# The fields each op takes (scale has a default and is only recorded for add).
+_OP_FIELDS = ("vector", "value", "mean", "units", "factors", "query", "key", "layers", "steps")
+_OP_FIELDS_OF = {
+    "add": ("vector",),
+    "set": ("value",),
+    "ablate": ("mean",),
+    "scale_units": ("units", "factors"),
+    "attention_knockout": ("query", "key", "layers", "steps"),
+}
 _KEYS = (
     "op", "site", "scale", "vector", "value", "mean", "units", "factors", "query", "key",
     "layers", "steps",
@@ -321,13 +343,22 @@ def interventions_from_wire(data: Any) -> tuple[Intervention, ...]:
         raise ValidationError(
             "interventions", f"1 to {MAX_INTERVENTIONS} entries", f"{len(data)} entries"
         )
-    interventions = tuple(Intervention.from_wire(entry) for entry in data)
+    interventions = tuple(_entry(index, entry) for index, entry in enumerate(data))
     total = sum(array.size for i in interventions for array in i.values().values())
     if total > MAX_INTERVENTION_ELEMENTS:
         raise ValidationError(
             "interventions", f"at most {MAX_INTERVENTION_ELEMENTS} array values in all", total
         )
     return interventions
+
+
+def _entry(index: int, data: Any) -> Intervention:
+    """One entry; its errors name it: `interventions[2].site.layers: expected ...`."""
+    try:
+        return Intervention.from_wire(data)
+    except ValidationError as error:
+        field = error.field.removeprefix("interventions").removeprefix(".")
+        raise error.renamed(f"interventions[{index}]" + (f".{field}" if field else "")) from None
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -377,7 +408,7 @@ def _indices(field: str, values: tuple[int, ...] | None, count: int) -> tuple[in
             raise ValidationError(field, f"indices in [{-count}, {count - 1}]", value)
         if value % count not in out:
             out.append(int(value % count))
-    return tuple(sorted(out))
+    return tuple(out)  # listed order: a (layers, positions, width) array follows it
 
 
 def _span(layout: TokenLayout, expert: int, segment: str | None, field: str) -> tuple[int, int]:

@@ -36,12 +36,14 @@ class Edit:
     op: str  # add, set, ablate, scale_units, attention_knockout
     expert: int  # the expert whose pass it acts in (the queries' expert for a knockout)
     point: str  # residual, attn_out, mlp_hidden, attention (knockout)
-    layers: tuple[int, ...]
+    layers: tuple[int, ...]  # in the request's order: per-layer arrays follow it
     steps: tuple[int, ...] | None  # None: the prefix pass
     span: tuple[int, int]  # positions in the expert's own sequence (the queries for a knockout)
     key_span: tuple[int, int] | None = None  # knockout: key positions in the pass's key sequence
     units: tuple[int, ...] | None = None
     has_mean: bool = False
+    # (name, shape) of every array argument: a new shape is a new program (and another batch).
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def slot_table(self, depth: int) -> np.ndarray:
         """Layer -> index into a per-layer value array (0 where the edit is inactive)."""
@@ -113,6 +115,9 @@ def _edit(config: ModelConfig, intervention: Intervention) -> Edit:
         span=site.positions,
         units=intervention.units,
         has_mean=intervention.mean is not None,
+        shapes=tuple(
+            (name, array.shape) for name, array in intervention.values().items() if name != "scale"
+        ),
     )
 
 
