@@ -26,7 +26,7 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
     assert run_main(["--help"]) == 0
     out = capsys.readouterr().out
     names = [sub.name for sub in cli.SUBCOMMANDS]
-    assert names == ["serve", "parity", "collect", "analyze", "demo"]
+    assert names == ["serve", "parity", "units", "collect", "analyze", "demo"]
     for sub in cli.SUBCOMMANDS:
         assert sub.name in out and sub.help in out
 
