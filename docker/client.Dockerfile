@@ -43,12 +43,13 @@ RUN uv pip install --quiet --python "$VENV/bin/python" --no-deps --reinstall ./p
     && "$VENV/bin/latentpi" collect --help >/dev/null
 
 # ---- runtime: the base, Mesa's EGL/OSMesa (scripts/install.sh's APT_PACKAGES), a user, the venv ----
+# + libopengl0: PyOpenGL's EGL platform loads libOpenGL.so.0 (development machines have it already).
 FROM ${BASE}
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/home/latentpi \
     MUJOCO_GL=egl PYOPENGL_PLATFORM=egl
 RUN apt-get update -qq \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-         libegl1 libegl-mesa0 libgl1-mesa-dri libosmesa6 >/dev/null \
+         libegl1 libegl-mesa0 libgl1-mesa-dri libosmesa6 libopengl0 >/dev/null \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /var/log/apt /var/log/dpkg.log
 # uid 1000; HOME is writable by any uid so `--user`/compose `user:` may pick another one (the
 # owner of the bind-mounted data folder).

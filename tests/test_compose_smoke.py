@@ -45,6 +45,7 @@ LOCAL_BASE = "latentpi-base:bookworm"
 TORCH_INDEX_PORT = 18731  # fixed: the index URL is a build argument, part of the layer cache's key
 TRIALS, MAX_STEPS = 2, 20
 REPORT = ROOT / "out" / "compose-smoke.json"
+CHECKS = 3  # the tests below, each adds its name to report["checks_passed"]
 LATENT_NAMES = ("expert_0_hidden_states", "expert_1_hidden_states", "text_only_hidden_states")
 
 
@@ -102,9 +103,33 @@ def image_size_mb(image: str, env: dict[str, str]) -> float:
     return round(int(out.strip()) / 1e6, 1)
 
 
+def write_report(report: dict[str, Any], started: float) -> None:
+    report["total_s"] = round(time.monotonic() - started, 1)
+    REPORT.parent.mkdir(exist_ok=True)
+    REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\ncompose smoke: {json.dumps(report)}")
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    started = time.monotonic()
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        state = bring_up_and_down(tmp_path_factory, report)
+    except BaseException as error:  # pytest.fail raises a BaseException
+        report["result"] = "failed: " + (str(error).strip().splitlines() or ["?"])[0][:300]
+        write_report(report, started)
+        raise
+    report["checks_passed"] = []
+    yield {**state, "report": report}
+    report["result"] = "passed" if len(report["checks_passed"]) == CHECKS else "failed: checks"
+    write_report(report, started)
+
+
+def bring_up_and_down(
+    tmp_path_factory: pytest.TempPathFactory, report: dict[str, Any]
+) -> dict[str, Any]:
+    """Base, builds, `up` until the collector exits, `down`: the state the checks look at."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LATENTPI_", "TORCH_INDEX"))}
     sh(["docker", "info"], env, 60, "no Docker engine answers (scripts/docker_engine.sh start)")
     compose = [
@@ -165,10 +190,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "docker ps",
         )
         report["left_running"] = left.split()
-    yield {"data": data, "log": log, "env": env, "key": key, "report": report}
-    REPORT.parent.mkdir(exist_ok=True)
-    REPORT.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\ncompose smoke: {json.dumps(report)}")
+    return {"data": data, "log": log, "env": env, "key": key}
 
 
 def test_the_collection_lands_on_the_host_with_episodes_success_and_latents(
@@ -196,8 +218,8 @@ def test_the_collection_lands_on_the_host_with_episodes_success_and_latents(
                 assert episode[latent].size > 0
     table = json.loads((suite / "success.json").read_text())
     assert "all" in json.dumps(table)
-    smoke["report"]["result"] = "passed"
     smoke["report"]["episodes"] = TRIALS
+    smoke["report"]["checks_passed"].append("files")
 
 
 def test_the_key_came_from_the_environment_and_stays_out_of_the_images(
@@ -212,6 +234,7 @@ def test_the_key_came_from_the_environment_and_stays_out_of_the_images(
         assert not any(e.startswith("LATENTPI_API_KEY") for e in config["Env"])
         history = sh(["docker", "history", "--no-trunc", image], env, 60, "history")
         assert smoke["key"] not in history
+    smoke["report"]["checks_passed"].append("key")
 
 
 def test_the_images_hold_no_build_tools_or_caches(smoke: dict[str, Any]) -> None:
@@ -240,3 +263,4 @@ def test_the_images_hold_no_build_tools_or_caches(smoke: dict[str, Any]) -> None
         )
         assert out.splitlines()[0] == "1000"
         assert "FOUND" not in out, out
+    smoke["report"]["checks_passed"].append("no build tools")
