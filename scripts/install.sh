@@ -131,7 +131,9 @@ install_libero() {
     stamp_set libero "$key"
   fi
   install_torch_cpu
-  "$VENV/bin/python" "$ROOT/scripts/wire_libero.py"
+  # Each venv wires its own config: an inherited LIBERO_CONFIG_PATH (set by whatever process runs
+  # this script, e.g. a test in another venv) would point the other venv's LIBERO at this one.
+  LIBERO_CONFIG_PATH="$VENV/libero-config" "$VENV/bin/python" "$ROOT/scripts/wire_libero.py"
 }
 
 install_jax_cuda() {

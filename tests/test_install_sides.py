@@ -24,7 +24,15 @@ def python_of(venv: Path, code: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("side", ["server", "client"])
 def test_one_side_installs_alone_with_locked_versions(side: str, tmp_path: Path) -> None:
     venv = tmp_path / f"venv-{side}"
-    env = {**os.environ, "VENV": str(venv), "LATENTPI_SKIP_APT": "1"}
+    # As in a test run that used LIBERO first: this process's own config is in the environment.
+    own_config = ROOT / ".venv" / "libero-config" / "config.yaml"
+    before = own_config.read_bytes() if own_config.exists() else None
+    env = {
+        **os.environ,
+        "VENV": str(venv),
+        "LATENTPI_SKIP_APT": "1",
+        "LIBERO_CONFIG_PATH": str(own_config.parent),
+    }
     done = subprocess.run(
         ["bash", str(ROOT / "scripts" / "install.sh"), side],
         env=env,
@@ -33,6 +41,8 @@ def test_one_side_installs_alone_with_locked_versions(side: str, tmp_path: Path)
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # The new venv wired its own LIBERO config, not the one of the venv running this test.
+    assert (own_config.read_bytes() if own_config.exists() else None) == before
     missing_command, present, absent = OTHER_SIDE[side]
 
     refused = subprocess.run(
