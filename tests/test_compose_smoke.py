@@ -72,6 +72,11 @@ def reachable(url: str) -> bool:
     return True
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
 def local_torch_index() -> str | None:
     """Where PyTorch's CPU index is out of reach but a local torch wheel lies in a find-links folder
     (as on these machines): a one-package PEP 503 index on loopback for the client's build."""
@@ -92,7 +97,7 @@ def local_torch_index() -> str | None:
         link = index / "torch" / Path(wheel).name
         if not link.exists():
             link.symlink_to(wheel)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(index))
+    handler = functools.partial(QuietHandler, directory=str(index))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", TORCH_INDEX_PORT), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{TORCH_INDEX_PORT}/"
