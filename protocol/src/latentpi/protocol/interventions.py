@@ -31,7 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from latentpi.protocol.errors import ValidationError
-from latentpi.protocol.latent_spec import TokenLayout
+from latentpi.protocol.latent_spec import TokenLayout, resolve_indices
 
 Op = Literal["add", "set", "patch", "ablate", "scale_units", "attention_knockout"]
 Point = Literal["residual", "attn_out", "mlp_hidden"]
@@ -115,8 +115,12 @@ class Site:
         }
 
     def resolve(self, dims: ModelDims, field: str = "site") -> Site:
-        layers = _indices(f"{field}.layers", self.layers, dims.depth)
-        steps = None if self.expert == 0 else _indices(f"{field}.steps", self.steps, dims.num_steps)
+        layers = resolve_indices(f"{field}.layers", self.layers, dims.depth)
+        steps = (
+            None
+            if self.expert == 0
+            else resolve_indices(f"{field}.steps", self.steps, dims.num_steps)
+        )
         start, stop = _span(dims.layout, self.expert, self.segment, f"{field}.segment")
         if self.positions is not None:
             first, last = self.positions
@@ -269,11 +273,11 @@ class Intervention:
             for name in ("query", "key"):
                 expert, segment = getattr(self, name)
                 _span(dims.layout, expert, segment, f"{field}.{name}.segment")
-            layers = _indices(f"{field}.layers", self.layers, dims.depth)
+            layers = resolve_indices(f"{field}.layers", self.layers, dims.depth)
             steps = (
                 None
                 if self.query[0] == 0
-                else _indices(f"{field}.steps", self.steps, dims.num_steps)
+                else resolve_indices(f"{field}.steps", self.steps, dims.num_steps)
             )  # type: ignore[index]
             return dataclasses.replace(self, layers=layers, steps=steps)
         site = self.site.resolve(dims, f"{field}.site")  # type: ignore[union-attr]
@@ -397,18 +401,6 @@ def _array(field: str, value: Any) -> np.ndarray:
     if not np.isfinite(array).all():
         raise ValidationError(field, expected, "an array with NaN or infinity")
     return array
-
-
-def _indices(field: str, values: tuple[int, ...] | None, count: int) -> tuple[int, ...]:
-    if values is None:
-        return tuple(range(count))
-    out: list[int] = []
-    for value in values:
-        if not -count <= value < count:
-            raise ValidationError(field, f"indices in [{-count}, {count - 1}]", value)
-        if value % count not in out:
-            out.append(int(value % count))
-    return tuple(out)  # listed order: a (layers, positions, width) array follows it
 
 
 def _span(layout: TokenLayout, expert: int, segment: str | None, field: str) -> tuple[int, int]:

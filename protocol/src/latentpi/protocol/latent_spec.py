@@ -175,8 +175,8 @@ class LatentSpec:
     def resolve(self, layout: TokenLayout, depth: int, num_steps: int) -> LatentSpec:
         """Check every index and name against the model and return the canonical spec: indices
         non-negative, None expanded, so equal captures hash equal."""
-        layers = _resolve_indices("latent_spec.layers", self.layers, depth + 1)
-        steps = _resolve_indices("latent_spec.steps", self.steps, num_steps)
+        layers = resolve_indices("latent_spec.layers", self.layers, depth + 1)
+        steps = resolve_indices("latent_spec.steps", self.steps, num_steps)
         segments_0 = _resolve_segments("latent_spec.segments_0", self.segments_0, layout.names(0))
         segments_1 = _resolve_segments("latent_spec.segments_1", self.segments_1, layout.names(1))
         if self.text_only and PROMPT_SEGMENT not in layout.names(0):
@@ -213,7 +213,9 @@ def _check_str_tuple(field: str, value: object) -> None:
         raise ValidationError(field, "null or a non-empty list of segment names", value)
 
 
-def _resolve_indices(field: str, values: tuple[int, ...] | None, count: int) -> tuple[int, ...]:
+def resolve_indices(field: str, values: tuple[int, ...] | None, count: int) -> tuple[int, ...]:
+    """Indices in [0, count) in the listed order (negatives from the end, repeats dropped); None
+    means all; out of range is a ValidationError naming `field`."""
     if values is None:
         return tuple(range(count))
     out: list[int] = []
