@@ -14,6 +14,13 @@ the latents by name with their layouts (axes, and labels: which layers, steps, s
 optionally, the two images sent. Samples go to `on_sample` as they arrive; nothing is kept here.
 The policy's exceptions propagate; the environment's raise `SimulationError` with the episode so
 far: the caller decides whether an episode is retried or recorded as failed.
+
+Condition (`QueryCondition`, optional). Every query can carry `interventions` and be driven by
+another prompt than the task's instruction; `counterfactual_prompts` go as the request's
+`prompt_variants`, and the actions each would have produced at the same observation and noise are
+kept per query (`replay/counterfactual_actions`). The server refuses an empty `prompt`, so an empty
+driving prompt (the null prompt) travels as prompt variant 0 and the episode is driven by that row
+(the request's own row, the instruction, is computed and discarded).
 """
 
 from __future__ import annotations
@@ -57,6 +64,36 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class QueryCondition:
+    """What every query of an episode carries besides the observation (rendered prompts)."""
+
+    prompt: str  # the prompt that drives the episode ("" allowed: the null prompt)
+    counterfactual_prompts: tuple[str, ...] = ()  # sent as prompt_variants; their actions kept
+    interventions: tuple[Mapping[str, Any], ...] = ()  # the request's wire maps, with arrays
+
+    @property
+    def by_variant(self) -> bool:
+        """The server refuses an empty prompt: the null prompt is sent as prompt variant 0."""
+        return not self.prompt.strip()
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The prompt_variants a query sends (the null driving prompt first)."""
+        if self.by_variant:
+            return (self.prompt, *self.counterfactual_prompts)
+        return self.counterfactual_prompts
+
+    def fields(self, instruction: str) -> dict[str, Any]:
+        """The request's prompt, prompt_variants and interventions."""
+        out: dict[str, Any] = {"prompt": instruction if self.by_variant else self.prompt}
+        if self.variants:
+            out["prompt_variants"] = list(self.variants)
+        if self.interventions:
+            out["interventions"] = [dict(entry) for entry in self.interventions]
+        return out
+
+
+@dataclass(frozen=True)
 class EpisodeResult:
     success: bool
     total_steps: int  # policy steps executed (settle period excluded)
@@ -68,6 +105,10 @@ class EpisodeResult:
     env_seed: int | None = None  # the `env.seed` given right before this episode's reset
     # what a replay needs (see `Trace`): executed actions per step, per-query seeds and MuJoCo states
     replay: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False)
+    prompt: str | None = None  # the prompt that drove the episode
+    counterfactual_prompts: tuple[str, ...] = ()  # their actions: replay["counterfactual_actions"]
+    # the server's record of the interventions applied (from the first response), arrays as shapes
+    interventions: tuple[Mapping[str, Any], ...] = field(default=(), compare=False)
 
 
 class SimulationError(RuntimeError):
@@ -98,6 +139,9 @@ class Trace:
     query_noise_seeds: list[int] = field(default_factory=list)  # -1: none sent
     query_sampled: list[bool] = field(default_factory=list)
     query_sim_states: list[np.ndarray] = field(default_factory=list)  # MuJoCo state before a query
+    # per query (variants, horizon, action_dim): the counterfactual prompts' actions
+    counterfactual_actions: list[np.ndarray] = field(default_factory=list)
+    interventions: tuple[Mapping[str, Any], ...] = ()  # the server's records (first response)
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {
@@ -110,6 +154,8 @@ class Trace:
         }
         if self.query_sim_states:
             out["query_sim_states"] = np.stack(self.query_sim_states).astype(np.float64)
+        if self.counterfactual_actions:
+            out["counterfactual_actions"] = np.stack(self.counterfactual_actions)
         return out
 
 
@@ -136,6 +182,7 @@ def run_episode(
     env_seed: int | None = None,
     noise_seed: Callable[[int], int] | None = None,
     on_frame: Callable[[np.ndarray], None] | None = None,
+    condition: QueryCondition | None = None,
 ) -> EpisodeResult:
     """Run one episode from init state `init_state_idx` (see the module doc for steps and sampling).
 
@@ -143,7 +190,8 @@ def run_episode(
     the env did before. `noise_seed(query_idx)`: the `noise_seed` sent with each query. An exception
     from the environment raises `SimulationError` carrying the episode so far; the policy's own
     exceptions propagate as they are. `on_frame(image)`: the agent view (upright, env resolution)
-    after the settle period and after every policy step (for a video)."""
+    after the settle period and after every policy step (for a video). `condition`: interventions,
+    driving and counterfactual prompts sent with every query (None: the instruction alone)."""
     _check_positive("stride", stride)
     _check_positive("replan_steps", replan_steps)
     max_steps = task.max_steps if max_steps is None else max_steps
@@ -155,6 +203,7 @@ def run_episode(
     spec = preset(latent_spec) if isinstance(latent_spec, str) else latent_spec
     episode = _Episode(env, task, policy, spec, stride, replan_steps, record_images, on_sample)
     episode.noise_seed, episode.resolution, episode.on_frame = noise_seed, resolution, on_frame
+    episode.condition = condition or QueryCondition(task.instruction)
     try:
         episode.start(init_states[init_state_idx], env_seed, num_steps_wait)
         episode.run(max_steps)
@@ -182,6 +231,7 @@ class _Episode:
         self.record_images, self.on_sample = record_images, on_sample
         self.noise_seed: Callable[[int], int] | None = None
         self.on_frame: Callable[[np.ndarray], None] | None = None
+        self.condition = QueryCondition(task.instruction)
         self.resolution = POLICY_RESOLUTION
         self.trace = Trace()
         self.plan: collections.deque[np.ndarray] = collections.deque()
@@ -219,19 +269,30 @@ class _Episode:
         observation = LiberoObservation.from_env(self.obs, self.resolution)
         sampled = is_sampled(self.step, self.stride, self.replan_steps)
         request = observation.to_request(self.task.instruction)
+        request |= self.condition.fields(self.task.instruction)
         if sampled:
             request |= {"collect_latents": True, "latent_spec": self.spec.to_wire()}
         seed = self.noise_seed(self.queries) if self.noise_seed is not None else None
         if seed is not None:
             request["noise_seed"] = int(seed)
         self._trace_query(sampled, seed)
-        response = _parse(self.policy.infer(request), self.replan_steps)
+        response = self._conditioned(parse_response(self.policy.infer(request), self.replan_steps))
         self.queries += 1
         if sampled:
             self.samples += 1
             if self.on_sample is not None:
                 self.on_sample(_sample(self.step, response, observation, self.record_images))
         self.plan.extend(response.actions[: self.replan_steps])
+
+    def _conditioned(self, response: PolicyResponse) -> PolicyResponse:
+        """The driving response; the counterfactual prompts' actions and the intervention
+        records go to the trace."""
+        driving, counterfactual, records = conditioned(self.condition, response)
+        if self.condition.counterfactual_prompts:
+            self.trace.counterfactual_actions.append(counterfactual)
+        if not self.trace.interventions:
+            self.trace.interventions = records
+        return driving
 
     def _trace_query(self, sampled: bool, seed: int | None) -> None:
         self.trace.query_timesteps.append(self.step)
@@ -254,6 +315,9 @@ class _Episode:
             error=error,
             env_seed=env_seed,
             replay=self.trace.arrays(),
+            prompt=self.condition.prompt,
+            counterfactual_prompts=self.condition.counterfactual_prompts,
+            interventions=self.trace.interventions,
         )
 
 
@@ -262,7 +326,7 @@ def _check_positive(name: str, value: int) -> None:
         raise ValidationError(name, "a positive integer", value)
 
 
-def _parse(response: Any, replan_steps: int) -> PolicyResponse:
+def parse_response(response: Any, replan_steps: int) -> PolicyResponse:
     """Check a response (openpi's or ours): actions (horizon >= replan_steps, 7), latents with layouts."""
     parsed = PolicyResponse.from_wire(response)
     if parsed.actions.shape[1] != ACTION_DIM or parsed.actions.shape[0] < replan_steps:
@@ -272,6 +336,57 @@ def _parse(response: Any, replan_steps: int) -> PolicyResponse:
             parsed.actions,
         )
     return parsed
+
+
+def conditioned(
+    condition: QueryCondition, response: PolicyResponse
+) -> tuple[PolicyResponse, np.ndarray, tuple[Mapping[str, Any], ...]]:
+    """(the driving response — prompt variant 0 for the null prompt —, the counterfactual
+    prompts' actions (V, horizon, dim) float64, the server's intervention records)."""
+    if condition.interventions and not response.interventions:
+        raise ValidationError(
+            "interventions",
+            "the server's record of the interventions it applied (a latentpi server)",
+            "none: the server ignored them",
+        )
+    driving, counterfactual = split_variants(response, condition.variants, condition.by_variant)
+    return driving, counterfactual, tuple(response.interventions)
+
+
+def split_variants(
+    response: PolicyResponse, sent: tuple[str, ...], by_variant: bool
+) -> tuple[PolicyResponse, np.ndarray]:
+    """(the driving response, the counterfactual prompts' actions (V, horizon, dim) float64),
+    checked against what was sent."""
+    variants = response.prompt_variants
+    if [v.get("prompt") for v in variants] != list(sent):
+        raise ValidationError(
+            "prompt_variants",
+            f"one entry per prompt sent, in order ({len(sent)}: {list(sent)!r})",
+            [v.get("prompt") for v in variants],
+        )
+    shape = response.actions.shape
+    for index, variant in enumerate(variants):
+        actions = variant.get("actions")
+        if not isinstance(actions, np.ndarray) or actions.shape != shape:
+            raise ValidationError(
+                f"prompt_variants[{index}].actions",
+                f"an array of shape {shape} (as the request's actions)",
+                actions,
+            )
+    driving = response
+    if by_variant:
+        first = variants[0]
+        driving = PolicyResponse(
+            actions=first["actions"],
+            latents={name: first.get(name) for name in response.latents},
+            latent_layout=response.latent_layout,
+            latent_spec=response.latent_spec,
+            interventions=response.interventions,
+        )
+    counterfactual = [v["actions"] for v in variants[1 if by_variant else 0 :]]
+    stacked = np.asarray(counterfactual, np.float64).reshape(len(counterfactual), *shape)
+    return driving, stacked
 
 
 def _sample(

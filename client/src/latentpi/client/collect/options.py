@@ -55,6 +55,12 @@ class CollectOptions:
     backend: str = "local"  # "local" (processes on this host) or "ray" (episodes on a Ray cluster)
     ray_address: str | None = None  # None: a local Ray; "auto" or HOST:PORT: an existing cluster
     more_servers: tuple[str, ...] = ()  # further --server URLs (the ray backend spreads over all)
+    # the condition (collect/condition.py): interventions sent with every query, the driving
+    # prompt template ({task}: the instruction), counterfactual prompt templates, a label
+    intervene: Path | None = None
+    prompt_variant: str | None = None
+    counterfactual_prompts: tuple[str, ...] = ()
+    condition: str | None = None
 
     @property
     def servers(self) -> tuple[str, ...]:
@@ -90,6 +96,10 @@ class CollectOptions:
             "compression": self.compression,
             "backend": self.backend,
             "servers": list(self.servers),
+            "intervene": None if self.intervene is None else str(self.intervene),
+            "prompt_variant": self.prompt_variant,
+            "counterfactual_prompts": list(self.counterfactual_prompts),
+            "condition": self.condition,
         }
 
     def episode_arguments(self) -> dict[str, Any]:

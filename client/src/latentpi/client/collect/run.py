@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latentpi.client.collect.condition import check_prompts, check_with_server, load_condition
 from latentpi.client.collect.events import Event
 from latentpi.client.collect.identity import config_of, model_identity, same_model
 from latentpi.client.collect.options import (
@@ -34,6 +35,7 @@ from latentpi.client.libero_env import TaskInfo, env_arguments, list_tasks
 from latentpi.client.policy_client import ServerChanged
 from latentpi.client.server_process import EmbeddedServer
 from latentpi.client.storage import TaskHeader, TaskWriter
+from latentpi.client.storage.condition import Condition
 from latentpi.client.storage.layout import RANDOM_WEIGHTS, episode_dir
 from latentpi.protocol.latent_spec import LatentSpec
 
@@ -65,13 +67,17 @@ def collect(
     progress: bool | None = None,
 ) -> CollectResult:
     spec, tasks = plan_tasks(options)
+    condition = load_condition(options)
+    check_prompts(condition, [task.instruction for task in tasks])
     warnings = option_warnings(options, len(tasks))
     for warning in warnings:
         logger.warning("%s", warning)
     with _server_url(options, spec) as url:
         metadata = _metadata(url, options)
+        # before any file is opened: a model the interventions do not fit is a usage error
+        check_with_server(condition, url, options, metadata, tasks[0].instruction)
         warnings += _model_warnings(metadata)
-        jobs = make_jobs(options, spec, tasks, metadata, warnings)
+        jobs = make_jobs(options, spec, tasks, metadata, warnings, condition)
         done = sum(_completed(job) for job in jobs)
         bar = Progress(len(jobs) * len(episode_range(options)), done, enabled=progress)
 
@@ -133,11 +139,16 @@ def make_jobs(
     tasks: list[TaskInfo],
     metadata: Mapping[str, Any],
     warnings: list[str] | None = None,
+    condition: Condition | None = None,
 ) -> list[TaskJob]:
-    """One job per task, all of one run (one run id in the files' history)."""
+    """One job per task, all of one run (one run id in the files' history); the condition is
+    loaded from the options unless given."""
     run_id = uuid.uuid4().hex
+    condition = load_condition(options) if condition is None else condition
     return [
-        TaskJob(task, _header(task, spec, metadata, options, warnings or [], run_id), options)
+        TaskJob(
+            task, _header(task, spec, metadata, options, warnings or [], run_id, condition), options
+        )
         for task in tasks
     ]
 
@@ -162,6 +173,7 @@ def _header(
     options: CollectOptions,
     warnings: list[str],
     run_id: str,
+    condition: Condition,
 ) -> TaskHeader:
     model_config, checkpoint = model_identity(metadata)
     return TaskHeader(
@@ -180,6 +192,7 @@ def _header(
         env_args=env_arguments(),
         warnings=tuple(warnings),
         run_id=run_id,
+        condition=condition,
     )
 
 

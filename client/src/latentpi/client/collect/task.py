@@ -25,7 +25,14 @@ from latentpi.client.collect.seeding import SEEDING_SCHEME, episode_seed, query_
 from latentpi.client.collect.video import EpisodeVideo, video_path
 from latentpi.client.libero_env import TaskInfo, close_env, load_init_states, make_env
 from latentpi.client.policy_client import ConnectionLost, ServerUnavailable
-from latentpi.client.rollout import EpisodeResult, Policy, Sample, SimulationError, run_episode
+from latentpi.client.rollout import (
+    EpisodeResult,
+    Policy,
+    QueryCondition,
+    Sample,
+    SimulationError,
+    run_episode,
+)
 from latentpi.client.storage import TaskHeader, TaskWriter, task_path
 from latentpi.protocol.latent_spec import LatentSpec
 
@@ -45,6 +52,12 @@ class TaskJob:
     @property
     def spec(self) -> LatentSpec:
         return self.header.latent_spec
+
+    def query_condition(self) -> QueryCondition:
+        """The run's condition rendered for this task (what every query carries)."""
+        condition = self.header.condition
+        prompt, counterfactual = condition.render(self.task.instruction)
+        return QueryCondition(prompt, counterfactual, tuple(condition.wire_interventions()))
 
     @property
     def path(self) -> str:
@@ -190,6 +203,7 @@ def run_one_episode(
         env_seed=episode_seed(options.seed, task.suite, task.task_id, k),
         noise_seed=noise_seed,
         on_frame=on_frame,
+        condition=job.query_condition(),
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from latentpi.client.storage.condition import BASELINE, Condition
 from latentpi.protocol.errors import ValidationError
 from latentpi.protocol.latent_spec import LatentSpec
 
@@ -37,7 +38,10 @@ IDENTITY_ATTRS = (
     "checkpoint",
     "latent_spec",
     "episode_arguments",
+    "condition",
 )
+# What a missing identity attribute means (files written before it existed).
+IDENTITY_DEFAULTS: dict[str, Any] = {"condition": BASELINE.record()}
 JSON_ATTRS = (
     "latent_spec",
     "server_metadata",
@@ -47,6 +51,9 @@ JSON_ATTRS = (
     "env_args",
     "runs",
     "warnings",
+    "condition",
+    "counterfactual_prompts",  # episode attributes
+    "interventions",
 )
 RANDOM_WEIGHTS = "random weights"  # how a server's metadata names a checkpoint that is not one
 VERSIONED_PACKAGES = (
@@ -122,6 +129,8 @@ class TaskHeader:
     env_args: Mapping[str, Any] = field(default_factory=dict)  # cameras, controller, control rate
     warnings: tuple[str, ...] = ()  # e.g. random weights: said in the log and kept in the file
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # interventions and prompts (storage/condition.py); its arrays go to /condition/interventions
+    condition: Condition = BASELINE
 
     @property
     def random_weights(self) -> bool:
@@ -158,6 +167,7 @@ class TaskHeader:
             "random_weights": self.random_weights,
             "warnings": to_json(list(self.warnings)),
             "runs": to_json([self.run()]),
+            "condition": to_json(self.condition.record()),
             "created": _now(),
         }
 
@@ -192,13 +202,42 @@ def decode_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
 def check_identity(path: Path, stored: Mapping[str, Any], new: Mapping[str, Any]) -> None:
     """Refuse to extend a task file written for another task, model or latent spec."""
     for key in IDENTITY_ATTRS:
-        old_value, new_value = _comparable(stored.get(key)), _comparable(new.get(key))
+        default = IDENTITY_DEFAULTS.get(key)
+        old_value = _comparable(stored.get(key, default))
+        new_value = _comparable(new.get(key, default))
+        if key == "condition" and old_value != new_value:
+            raise _condition_error(path, old_value, new_value)
         if old_value != new_value:
             raise ValidationError(
                 f"{path}: root attribute {key}",
                 f"{old_value!r} as stored (resume with the same task, model, latent spec and episode arguments (seed, stride, horizon, replan and settle steps, images), or use a new output folder)",
                 new_value,
             )
+
+
+def _condition_error(path: Path, stored: Any, new: Any) -> ValidationError:
+    """Both conditions summarized in full (a received value is otherwise cut at 80 characters)."""
+    field = f"{path}: root attribute condition"
+    expected = (
+        f"{_condition_summary(stored)} as stored (resume under the same condition: the same "
+        "--intervene content, --prompt-variant, --counterfactual-prompt and --condition; or use "
+        "another output folder for another condition)"
+    )
+    error = ValidationError(field, expected, None)
+    error.received = _condition_summary(new)
+    error.args = (f"{field}: expected {expected}, received {error.received}",)
+    return error
+
+
+def _condition_summary(record: Any) -> str:
+    if not isinstance(record, Mapping):
+        return repr(record)
+    digest = record.get("interventions_sha256")
+    return (
+        f"condition {record.get('name')!r} ({len(record.get('interventions') or [])} "
+        f"intervention(s), sha256 {digest[:16] + '…' if digest else None}, prompt "
+        f"{record.get('prompt')!r}, counterfactual prompts {record.get('counterfactual_prompts')!r})"
+    )
 
 
 def _comparable(value: Any) -> Any:

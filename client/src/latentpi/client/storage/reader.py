@@ -1,7 +1,7 @@
 """Lazy reading of a task file: nothing is loaded until an array is sliced.
 
 with TaskFile(path) as task:
-    task.attrs["instruction"], task.latent_spec
+    task.attrs["instruction"], task.latent_spec, task.condition
     for episode in task.episodes:
         episode.success, episode.names
         last_layer = episode["text_only_hidden_states"][:, -1]   # reads only that layer
@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from latentpi.client.closing import ClosesOnExit
+from latentpi.client.storage.condition import Condition, read_condition
 from latentpi.client.storage.encoding import AXES_ATTR, LAYOUT_ATTR, decode, logical_dtype, read
 from latentpi.client.storage.layout import decode_attrs, episode_dir, episode_index, group_name
 from latentpi.client.storage.sources import sources
@@ -136,6 +137,12 @@ class TaskFile(ClosesOnExit):
     @property
     def latent_spec(self) -> LatentSpec:
         return LatentSpec.from_wire(self.attrs["latent_spec"])
+
+    @property
+    def condition(self) -> Condition:
+        """What the collection changed (interventions with their arrays, prompts); a file
+        without the `condition` attribute reads as the baseline."""
+        return read_condition(self._file, self.attrs.get("condition"))
 
     @property
     def episodes(self) -> list[EpisodeView]:

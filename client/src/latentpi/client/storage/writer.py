@@ -23,6 +23,7 @@ import numpy as np
 
 from latentpi.client.closing import ClosesOnExit
 from latentpi.client.rollout import EpisodeResult, Sample
+from latentpi.client.storage.condition import write_arrays
 from latentpi.client.storage.encoding import (
     AXES_ATTR,
     LAYOUT_ATTR,
@@ -60,6 +61,7 @@ class TaskWriter(ClosesOnExit):
         self.dir = episode_dir(self.path)
         self.compression = compression
         self._attrs = header.attrs()
+        self._condition = header.condition
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock: int | None = _lock(self.dir)
         try:
@@ -108,6 +110,7 @@ class TaskWriter(ClosesOnExit):
         tmp = _tmp(self.path)
         with h5py.File(tmp, "w") as out:
             out.attrs.update(self._root_attrs())
+            write_arrays(out, self._condition)
             for index, source in sorted(found.items()):
                 with h5py.File(source, "r") as src:
                     src.copy(src[group_name(index)], out, name=group_name(index))
@@ -176,6 +179,7 @@ class TaskWriter(ClosesOnExit):
         tmp = _tmp(self.path)
         with h5py.File(tmp, "w") as out:
             out.attrs.update(self._root_attrs())
+            write_arrays(out, self._condition)
             for index, source in sorted(sources(self.dir).items()):
                 target = os.path.relpath(source, self.path.parent)
                 out[group_name(index)] = h5py.ExternalLink(target, "/" + group_name(index))
@@ -276,6 +280,7 @@ class EpisodeWriter:
             self._group.attrs["error"] = result.error
         if result.env_seed is not None:
             self._group.attrs["env_seed"] = int(result.env_seed)
+        self._group.attrs.update(_prompt_attrs(result))
         for name, array in result.replay.items():
             self._group.create_dataset(f"{REPLAY_GROUP}/{name}", data=np.asarray(array))
         self._file.close()
@@ -317,6 +322,18 @@ class EpisodeWriter:
         )
         dataset.attrs.update({**dtype_attrs, **attrs})
         self._datasets[name] = dataset
+
+
+def _prompt_attrs(result: EpisodeResult) -> dict[str, Any]:
+    """The prompts the episode was run with and the server's intervention records."""
+    attrs: dict[str, Any] = {}
+    if result.prompt is not None:
+        attrs["prompt"] = result.prompt
+    if result.counterfactual_prompts:
+        attrs["counterfactual_prompts"] = to_json(list(result.counterfactual_prompts))
+    if result.interventions:
+        attrs["interventions"] = to_json([dict(record) for record in result.interventions])
+    return attrs
 
 
 def _sample_arrays(sample: Sample) -> dict[str, np.ndarray]:
