@@ -19,24 +19,37 @@ so rollout code takes either. What it adds:
 - A server that stops answering (connected, no reply within `request_timeout_s`, when given)
   raises `ServerUnavailable`; the connection is dropped (a late reply must not answer the next
   request).
+- `wss://` verifies the server's certificate against the system's CAs, or against `tls_ca` (a PEM
+  file; default `$LATENTPI_TLS_CA`) for a private or self-signed certificate. A failed
+  verification is a refusal (`ServerRejected`), not something to retry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
+from latentpi.protocol.api_key import redact_credentials
 from latentpi.protocol.codec import DEFAULT_LIMITS, Limits, packb, unpackb
 from latentpi.protocol.errors import ProtocolError, ValidationError
 
 logger = logging.getLogger(__name__)
+
+# A PEM file of CAs to trust for wss:// (worker processes inherit it).
+ENV_TLS_CA = "LATENTPI_TLS_CA"
+
+
+redact_credentials("websockets.client")
 
 
 class ServerRejected(RuntimeError):
@@ -95,10 +108,12 @@ class LatentpiPolicyClient:
         open_timeout_s: float = 60.0,
         resend: bool = False,
         request_timeout_s: float | None = None,
+        tls_ca: str | Path | None = None,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ValidationError("url", "a ws:// or wss:// URL", url)
         self.url = url
+        self._ssl = tls_context(url, tls_ca)
         self._headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         self._limits = limits
         self._backoff = backoff
@@ -225,7 +240,11 @@ class LatentpiPolicyClient:
                 compression=None,
                 max_size=self._limits.max_frame_bytes,
                 open_timeout=self._open_timeout_s,
+                ssl=self._ssl,
             ).__enter__()
+        except ssl.SSLCertVerificationError as error:
+            message = f"{self.url}: certificate not trusted: {error.verify_message}"
+            raise ServerRejected(message) from None
         except InvalidStatus as error:
             raise _rejection(error) from None
         except InvalidURI as error:
@@ -252,6 +271,23 @@ class LatentpiPolicyClient:
             with contextlib.suppress(OSError, ConnectionClosed):
                 self._ws.close()
             self._ws = None
+
+
+def tls_context(url: str, tls_ca: str | Path | None = None) -> ssl.SSLContext | None:
+    """The context verifying a wss:// server: the system's CAs, or those in `tls_ca` (else
+    `$LATENTPI_TLS_CA`); None for ws://."""
+    if not url.startswith("wss://"):
+        return None
+    cafile = tls_ca if tls_ca is not None else os.environ.get(ENV_TLS_CA) or None
+    if cafile is None:
+        return ssl.create_default_context()
+    try:
+        return ssl.create_default_context(cafile=str(cafile))
+    except (OSError, ssl.SSLError) as error:
+        source = "tls_ca" if tls_ca is not None else ENV_TLS_CA
+        raise ValidationError(
+            source, "a readable PEM file of CA certificates", str(cafile)
+        ) from error
 
 
 class InvalidStatusRetry(OSError):

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from latentpi.protocol.api_key import ENV_KEY, ENV_KEY_FILE
+
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -84,14 +86,16 @@ class EmbeddedServer:
             "warning",
             *extra_args,
         ]
-        if api_key:
-            command += ["--api-key", api_key]
+        # The key goes through the environment: a command line is readable by every local user.
+        environment = {key: value for key, value in os.environ.items() if key != ENV_KEY_FILE}
+        environment[ENV_KEY] = api_key or ""
         self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=environment,
             start_new_session=True,
             preexec_fn=lambda: die_with_parent(parent),
         )

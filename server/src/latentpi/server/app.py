@@ -131,7 +131,11 @@ class PolicyServer:
     # -- HTTP -----------------------------------------------------------------------------------
     async def healthz(self, _: Request) -> Response:
         if self._load_error is not None:
-            return PlainTextResponse(f"model failed to load: {self._load_error}", status_code=503)
+            # /healthz needs no API key: the kind of failure only, the details are in the log
+            kind = type(self._load_error).__name__
+            return PlainTextResponse(
+                f"model failed to load ({kind}; see the server log)", status_code=503
+            )
         if not self.ready:
             return PlainTextResponse("loading", status_code=503)
         return PlainTextResponse("OK")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Mapping
 
@@ -25,4 +26,10 @@ def is_authorized(headers: Mapping[str, str], api_key: str | None) -> bool:
     key = presented_key(headers)
     if key is None:
         return False
-    return hmac.compare_digest(key.encode(), api_key.encode())
+    # Digests first: compare_digest is constant-time only for equal lengths, so comparing the raw
+    # strings would tell a prober the key's length.
+    return hmac.compare_digest(_digest(key), _digest(api_key))
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()

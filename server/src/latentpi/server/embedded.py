@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 import urllib.request
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
+from latentpi.protocol.api_key import redact_credentials
 from latentpi.server.app import PolicyEngine, PolicyServer, build_app
+from latentpi.server.connections import ConnectionGuard, raise_open_file_limit
 from latentpi.server.settings import ServerSettings
 
 
@@ -30,20 +33,45 @@ def _quiet_refusals() -> None:
     logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _RefusalNoiseFilter) for f in logger.filters):
         logger.addFilter(_RefusalNoiseFilter())
+    redact_credentials("uvicorn.error")
 
 
 def uvicorn_config(
     app: object, settings: ServerSettings, *, log_level: str = "warning"
 ) -> uvicorn.Config:
+    http_protocol, ws_protocol = _connection_guard(app, settings).protocols()
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=settings.host,
         port=settings.port,
+        http=http_protocol,
+        ws=ws_protocol,
         ws_max_size=settings.max_frame_bytes,
         ws_per_message_deflate=False,  # openpi-client sends without compression
         lifespan="on",
         log_level=log_level,
         access_log=False,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
+    )
+
+
+def _connection_guard(app: object, settings: ServerSettings) -> ConnectionGuard:
+    """The limits uvicorn does not apply to websockets (see latentpi.server.connections)."""
+    state = getattr(app, "state", None)
+    policy_server = getattr(state, "policy_server", None)
+    on_drop = (
+        (lambda reason: policy_server.metrics.connections_dropped.labels(reason).inc())
+        if isinstance(policy_server, PolicyServer)
+        else (lambda reason: None)
+    )
+    return ConnectionGuard(
+        max_connections=settings.max_connections,
+        handshake_timeout_s=settings.handshake_timeout_s,
+        idle_timeout_s=settings.idle_timeout_s,
+        frame_timeout_s=settings.frame_timeout_s,
+        send_timeout_s=settings.send_timeout_s,
+        on_drop=on_drop,
     )
 
 
@@ -54,14 +82,15 @@ class RunningServer:
     server: uvicorn.Server = field(repr=False)
     thread: threading.Thread = field(repr=False)
     policy_server: PolicyServer = field(repr=False)
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://{self.host}:{self.port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
         """Block until /healthz answers 200 (model loaded and compiled); RuntimeError at once if
@@ -73,7 +102,9 @@ class RunningServer:
             if self.policy_server.load_error is not None:
                 raise RuntimeError(f"model failed to load: {self.policy_server.load_error!r}")
             try:
-                with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=2) as reply:
+                with urllib.request.urlopen(
+                    f"{self.http_url}/healthz", timeout=2, context=_own_server_context()
+                ) as reply:
                     if reply.status == 200:
                         return
             except OSError:
@@ -92,6 +123,15 @@ class RunningServer:
         self.stop()
 
 
+def _own_server_context() -> ssl.SSLContext:
+    """For polling this process's own server: its certificate may name a public host, not the
+    loopback address polled here, and nothing travels but `GET /healthz`."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def start_server(
     engine_factory: Callable[[], PolicyEngine],
     settings: ServerSettings | None = None,
@@ -102,6 +142,7 @@ def start_server(
     """Start the server on a thread; port 0 (the default here) picks a free local port."""
     settings = settings or ServerSettings(port=0)
     _quiet_refusals()
+    raise_open_file_limit(settings.max_connections)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
@@ -112,7 +153,7 @@ def start_server(
         target=server.run, kwargs={"sockets": [sock]}, name=f"latentpi-server-{port}", daemon=True
     )
     thread.start()
-    running = RunningServer(host, port, server, thread, app.state.policy_server)
+    running = RunningServer(host, port, server, thread, app.state.policy_server, settings.tls)
     if wait:
         running.wait_ready(timeout_s)
     return running

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from latentpi.protocol.latent_spec import LatentSpec
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024  # a request is two images and a prompt: far below this
+DEFAULT_MAX_CONNECTIONS = 256  # collectors hold one connection per worker: far below this
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,10 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a repr, a log or a traceback
+    # TLS (wss:// and https://): a PEM certificate chain and its private key, both or neither.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
     max_batch: int = 8
     batch_window_ms: float = 5.0
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
@@ -33,6 +38,12 @@ class ServerSettings:
     # Run batches row by row so a request's numbers never depend on its batch (bit-exact A/B);
     # None: on for CPU backends, where batching buys little, off on accelerators.
     batch_invariant: bool | None = None
+    # Connection limits and timeouts (server/connections.py): what a peer may hold, how long.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open websocket connections; more get 503
+    handshake_timeout_s: float = 10.0  # a new connection's time to send its request head
+    idle_timeout_s: float | None = 600.0  # a websocket with no request is closed; None: never
+    frame_timeout_s: float = 30.0  # a started frame must be finished within this
+    send_timeout_s: float = 30.0  # a peer taking none of our bytes this long is cut off
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= 256:
@@ -47,6 +58,8 @@ class ServerSettings:
             raise ValueError(f"port: expected 0..65535, received {self.port}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key: expected a non-empty string or none")
+        self._check_tls()
+        self._check_connection_limits()
         if not self.warmup_batch_sizes or min(self.warmup_batch_sizes) < 1:
             raise ValueError(
                 f"warmup_batch_sizes: expected sizes >= 1, received {self.warmup_batch_sizes}"
@@ -57,6 +70,36 @@ class ServerSettings:
             raise ValueError(
                 f"batch_sizes: expected sizes >= 1 covering max_batch, received {self.batch_sizes}"
             )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_certfile is not None
+
+    def _check_tls(self) -> None:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_cert: expected --tls-cert and --tls-key together, received one")
+        for name in ("tls_certfile", "tls_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                option = name.removesuffix("file")
+                raise ValueError(
+                    f"{option}: expected a PEM file, received {str(path)!r} (no such file)"
+                )
+
+    def _check_connection_limits(self) -> None:
+        if not 1 <= self.max_connections <= 65_536:
+            raise ValueError(f"max_connections: expected 1..65536, received {self.max_connections}")
+        timeouts = {
+            "handshake_timeout_s": self.handshake_timeout_s,
+            "idle_timeout_s": self.idle_timeout_s,
+            "frame_timeout_s": self.frame_timeout_s,
+            "send_timeout_s": self.send_timeout_s,
+        }
+        for name, seconds in timeouts.items():
+            if seconds is None and name == "idle_timeout_s":
+                continue
+            if not (isinstance(seconds, int | float) and 0 < seconds <= 86_400):
+                raise ValueError(f"{name}: expected seconds in (0, 86400], received {seconds!r}")
 
     def padded_batch_size(self, count: int) -> int:
         return min(size for size in sorted(self.batch_sizes) if size >= count)

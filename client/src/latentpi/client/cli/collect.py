@@ -68,7 +68,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the embedded server's configuration (default pi0_tiny)",
     )
     parser.add_argument(
-        "--api-key", default=None, help="the server's API key (default: $LATENTPI_API_KEY)"
+        "--api-key",
+        default=None,
+        help="the server's API key (visible in ps: prefer --api-key-file or $LATENTPI_API_KEY; "
+        "default: $LATENTPI_API_KEY, $LATENTPI_API_KEY_FILE)",
+    )
+    parser.add_argument(
+        "--api-key-file", type=Path, default=None, help="the server's API key, read from a file"
+    )
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="trust the wss:// server's certificate if signed by a CA in this PEM file "
+        "(default: $LATENTPI_TLS_CA, else the system's CAs)",
     )
     parser.add_argument(
         "--workers", type=int, default=1, help="environment processes (one task each)"
@@ -114,7 +127,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compression", default="lzf", choices=("lzf", "gzip", "none"), help="HDF5 compression"
     )
+    _add_condition_arguments(parser)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
+
+
+def _add_condition_arguments(parser: argparse.ArgumentParser) -> None:
+    """Collection under intervention (docs/collect.md, "Conditions")."""
+    parser.add_argument(
+        "--intervene",
+        type=Path,
+        default=None,
+        help="a JSON file with the interventions list sent with every query (arrays inline or "
+        'in the .npz next to it: {"npz": "name"}; docs/interventions.md)',
+    )
+    parser.add_argument(
+        "--prompt-variant",
+        default=None,
+        metavar="TEXT",
+        help="drive the episodes with this prompt instead of the instruction; {task} is the "
+        "instruction ('' = the null prompt, 'do not {task}', ...)",
+    )
+    parser.add_argument(
+        "--counterfactual-prompt",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="also record, per query, the actions this prompt would give at the same "
+        "observation and noise (repeatable, at most 16; {task} as above)",
+    )
+    parser.add_argument(
+        "--condition",
+        default=None,
+        metavar="NAME",
+        help="the condition's label in the files (default: baseline, or the intervene file's "
+        "stem and the prompt variant)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,6 +172,11 @@ def run(args: argparse.Namespace) -> int:
 
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        api_key = _server_access(args)
+    except ValueError as error:
+        print(f"latentpi collect: {error}", file=sys.stderr)
+        return EXIT_USAGE
     options = CollectOptions(
         suite=args.suite,
         out=args.out,
@@ -138,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         ray_address=args.ray_address,
         config=args.config,
-        api_key=args.api_key or os.environ.get("LATENTPI_API_KEY") or None,
+        api_key=api_key,
         workers=args.workers,
         latents=args.latents,
         seed=args.seed,
@@ -150,6 +202,10 @@ def run(args: argparse.Namespace) -> int:
         retry_timeout_s=args.retry_timeout,
         request_timeout_s=args.request_timeout,
         compression=args.compression,
+        intervene=args.intervene,
+        prompt_variant=args.prompt_variant,
+        counterfactual_prompts=tuple(args.counterfactual_prompt or ()),
+        condition=args.condition,
     )
     try:
         result = collect(options)
@@ -176,3 +232,15 @@ def run(args: argparse.Namespace) -> int:
     for warning in result.warnings:  # again at the end, where they are seen
         print(f"latentpi collect: warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _server_access(args: argparse.Namespace) -> str | None:
+    """The API key; `--tls-ca` checked and exported, so worker processes (and a local Ray
+    cluster's) trust the same CAs."""
+    from latentpi.client.policy_client import ENV_TLS_CA, tls_context
+    from latentpi.protocol.api_key import resolve_api_key
+
+    if args.tls_ca is not None:
+        tls_context("wss://", args.tls_ca)  # raises, naming the file, if it is not a CA file
+        os.environ[ENV_TLS_CA] = str(args.tls_ca.resolve())
+    return resolve_api_key(args.api_key, args.api_key_file)

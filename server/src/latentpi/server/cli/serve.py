@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from latentpi.protocol.latent_spec import LatentSpec
 
 if TYPE_CHECKING:
     from latentpi.server.embedded import RunningServer
+    from latentpi.server.settings import ServerSettings
 
 logger = logging.getLogger("latentpi.server.serve")
 CONFIG_NAMES = ("pi0_libero", "pi05_libero", "pi0_tiny", "pi05_tiny")
@@ -35,7 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--port", type=int, default=8000, help="port (0 picks a free one; see --ready-file)"
     )
     parser.add_argument(
-        "--api-key", default=None, help="require this key (default: $LATENTPI_API_KEY, else none)"
+        "--api-key",
+        default=None,
+        help="require this key (visible in ps: prefer --api-key-file or $LATENTPI_API_KEY; "
+        "default: $LATENTPI_API_KEY, $LATENTPI_API_KEY_FILE, else none)",
+    )
+    parser.add_argument(
+        "--api-key-file", type=Path, default=None, help="require the key in this file (mode 600)"
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, default=None, help="serve wss:// with this PEM certificate chain"
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, default=None, help="the certificate's PEM private key"
     )
     parser.add_argument(
         "--max-batch", type=int, default=8, help="largest batch of concurrent requests"
@@ -85,19 +99,24 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from latentpi.protocol.api_key import ApiKeyError, resolve_api_key
     from latentpi.server.embedded import start_server
     from latentpi.server.engine_factory import build_engine
     from latentpi.server.serving import serving_config
     from latentpi.server.settings import DEFAULT_MAX_FRAME_BYTES, ServerSettings
 
-    api_key = (
-        args.api_key if args.api_key is not None else os.environ.get("LATENTPI_API_KEY") or None
-    )
+    try:
+        api_key = resolve_api_key(args.api_key, args.api_key_file)
+    except ApiKeyError as error:
+        print(f"latentpi serve: {error}", file=sys.stderr)
+        return 2
     try:
         settings = ServerSettings(
             host=args.host,
             port=args.port,
             api_key=api_key,
+            tls_certfile=args.tls_cert,
+            tls_keyfile=args.tls_key,
             max_batch=args.max_batch,
             batch_window_ms=args.batch_window_ms,
             max_frame_bytes=args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES,
@@ -110,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         option, _, detail = str(error).partition(":")
         print(f"latentpi serve: --{option.replace('_', '-')}:{detail}", file=sys.stderr)
         return 2
+    _warn_if_exposed(settings)
     config = serving_config(args.config).with_checkpoint(args.checkpoint)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -131,7 +151,11 @@ def run(args: argparse.Namespace) -> int:
         # waiting for it can take minutes. Nothing is served yet, so nothing is lost.
         os._exit(0)
     logger.info(
-        "serving %s at %s (api key %s)", config.name, running.url, "required" if api_key else "off"
+        "serving %s at %s (api key %s, tls %s)",
+        config.name,
+        running.url,
+        "required" if api_key else "off",
+        "on" if settings.tls else "off",
     )
     if args.ready_file:
         _write_ready_file(args.ready_file, running.url, running.port)
@@ -140,6 +164,32 @@ def run(args: argparse.Namespace) -> int:
             return 1
     running.stop()
     return 0
+
+
+def _warn_if_exposed(settings: ServerSettings) -> None:
+    """Anyone who can reach a non-loopback address can run the model and read its latents."""
+    if _is_loopback(settings.host):
+        return
+    if settings.api_key is None:
+        logger.warning(
+            "listening on %s without an API key: anyone who reaches it can use the server "
+            "(see docs/security.md)",
+            settings.host,
+        )
+    if not settings.tls:
+        logger.warning(
+            "listening on %s without TLS: requests, latents and the API key travel in clear",
+            settings.host,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it is reachable
+        return False
 
 
 def _wait_ready(running: RunningServer, stop: threading.Event) -> bool:
