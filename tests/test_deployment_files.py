@@ -299,6 +299,13 @@ def test_ray_profile_runs_collect_on_a_ray_head_and_workers_join_it() -> None:
             assert flag in help_text
 
 
+def test_ray_dashboard_is_not_published_to_the_network() -> None:
+    """Ray's dashboard accepts jobs (any code) without authentication: loopback only."""
+    head = COMPOSE["services"]["ray-head"]["entrypoint"][2]
+    hosts = re.findall(r"--dashboard-host=(\S+)", head)
+    assert hosts == ["127.0.0.1"] or "--include-dashboard=false" in head
+
+
 # ---- docker-compose config: what compose itself makes of the files ----
 
 COMPOSE_BIN = shutil.which("docker-compose")
