@@ -1,5 +1,9 @@
 """`latentpi analyze DIR --out REPORT`: the HTML report, its figure files, summary.json and
-summary.csv of a collection folder (docs/analysis.md §6)."""
+summary.csv of a collection folder (docs/analysis.md §6).
+
+`latentpi analyze --compare BASELINE_DIR CONDITION_DIR [CONDITION_DIR ...] --out REPORT`: each
+condition's collection against the baseline's, episode by episode (docs/analysis.md, "Comparing
+conditions")."""
 
 from __future__ import annotations
 
@@ -8,7 +12,16 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="a collection folder (DIR/<suite>/task_*.h5) or one task file")
+    parser.add_argument(
+        "dir", nargs="?", help="a collection folder (DIR/<suite>/task_*.h5) or one task file"
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="DIR",
+        help="compare conditions instead: BASELINE_DIR then one or more CONDITION_DIRs (collected "
+        "with the same --seed; episodes pair by suite, task and episode index)",
+    )
     parser.add_argument(
         "--out", required=True, help="folder for index.html, figures, summary.json / .csv"
     )
@@ -31,21 +44,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="episode-resampled repeats of each cross-validation for the 95%% interval",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="with --compare: end-effector distance (metres) beyond which a pair's paths have "
+        "diverged (default 0.01)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentpi.client.analysis.probes import ProbeConfig
-    from latentpi.client.analysis.report import ReportConfig, build_report
     from latentpi.protocol.errors import ValidationError
 
     try:
-        config = ReportConfig(
-            args.expert,
-            ProbeConfig(n_shuffles=args.shuffles, n_bootstrap=args.bootstrap, seed=args.seed),
-        )
-        page = build_report(args.dir, args.out, config)
+        page = _compare(args) if args.compare is not None else _report(args)
     except ValidationError as error:
         print(f"latentpi analyze: {error}", file=sys.stderr)
         return 2
     print(page)
     return 0
+
+
+def _report(args: argparse.Namespace) -> object:
+    from latentpi.client.analysis.probes import ProbeConfig
+    from latentpi.client.analysis.report import ReportConfig, build_report
+    from latentpi.protocol.errors import ValidationError
+
+    if args.dir is None:
+        raise ValidationError(
+            "DIR", "a collection folder, or --compare BASELINE_DIR CONDITION_DIR", None
+        )
+    if args.tolerance is not None:
+        raise ValidationError("--tolerance", "only with --compare", args.tolerance)
+    config = ReportConfig(
+        args.expert,
+        ProbeConfig(n_shuffles=args.shuffles, n_bootstrap=args.bootstrap, seed=args.seed),
+    )
+    return build_report(args.dir, args.out, config)
+
+
+def _compare(args: argparse.Namespace) -> object:
+    from latentpi.client.analysis.compare_report import (
+        DEFAULT_TOLERANCE,
+        CompareConfig,
+        build_comparison,
+    )
+    from latentpi.protocol.errors import ValidationError
+
+    if args.dir is not None:
+        raise ValidationError(
+            "DIR",
+            "no positional folder with --compare (list every folder after --compare)",
+            args.dir,
+        )
+    if len(args.compare) < 2:
+        raise ValidationError(
+            "--compare", "BASELINE_DIR and at least one CONDITION_DIR", args.compare
+        )
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    baseline, *conditions = args.compare
+    return build_comparison(baseline, conditions, args.out, CompareConfig(tolerance))
