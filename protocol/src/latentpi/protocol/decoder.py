@@ -23,7 +23,7 @@ from latentpi.protocol.dtypes import (
     EXT_DTYPE_KEY,
     parse_wire_dtype,
 )
-from latentpi.protocol.errors import ProtocolError
+from latentpi.protocol.errors import ProtocolError, short_repr
 from latentpi.protocol.limits import DEFAULT_LIMITS, Limits
 
 _ND_KEY = b"__ndarray__"
@@ -197,7 +197,7 @@ class _Decoder:
             key = self.value(depth)
             if not isinstance(key, str | bytes):
                 raise ProtocolError(
-                    f"map at offset {start}: keys must be str or bytes, received {type(key).__name__} {key!r:.40}"
+                    f"map at offset {start}: keys must be str or bytes, received {type(key).__name__} {short_repr(key, 40)}"
                 )
             out[key] = self.value(depth, raw_bin=key == _DATA_KEY)
         if _ND_KEY in out:
@@ -271,7 +271,9 @@ class _Decoder:
         dtype = _dtype(fields.get(b"dtype"), where)
         shape = fields.get(b"shape")
         if not isinstance(shape, list) or not all(type(d) is int for d in shape):
-            raise ProtocolError(f"{where}: 'shape' must be a list of ints, received {shape!r:.80}")
+            raise ProtocolError(
+                f"{where}: 'shape' must be a list of ints, received {short_repr(shape, 80)}"
+            )
         return self.make_array(data, dtype, shape, fields.get(EXT_DTYPE_KEY), where)
 
     def make_array(
@@ -319,7 +321,9 @@ class _Decoder:
         else:
             ok = type(value) in (int, float)
         if not ok:
-            raise ProtocolError(f"{where}: 'data' {value!r:.40} is not a valid {dtype} value")
+            raise ProtocolError(
+                f"{where}: 'data' {short_repr(value, 40)} is not a valid {dtype} value"
+            )
         scalar = dtype.type(value)
         if fields.get(EXT_DTYPE_KEY) is not None:
             scalar = _as_bfloat16(np.asarray(scalar), fields[EXT_DTYPE_KEY], where)[()]
@@ -341,7 +345,7 @@ def _int_range(dtype: np.dtype) -> tuple[int, int]:
 def _as_bfloat16(bits: np.ndarray, name: object, where: str) -> np.ndarray:
     if name != BFLOAT16_NAME:
         raise ProtocolError(
-            f"{where}: unsupported {EXT_DTYPE_KEY.decode()} {name!r:.40}; only {BFLOAT16_NAME!r} is defined"
+            f"{where}: unsupported {EXT_DTYPE_KEY.decode()} {short_repr(name, 40)}; only {BFLOAT16_NAME!r} is defined"
         )
     if bits.dtype != BFLOAT16_CARRIER:
         raise ProtocolError(

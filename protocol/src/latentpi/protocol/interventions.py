@@ -43,6 +43,7 @@ MAX_INTERVENTIONS = 16
 # fit many times over; anything near the frame limit is refused before it is copied.
 MAX_INTERVENTION_ELEMENTS = 16 * 2**20
 _ARRAY_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16))
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _SITE_KEYS = ("expert", "point", "layers", "segment", "positions", "steps")
 
 
@@ -72,7 +73,7 @@ class Site:
     def __post_init__(self) -> None:
         if not _is_int(self.expert) or self.expert not in (0, 1):
             raise ValidationError("site.expert", "0 or 1", self.expert)
-        if self.point not in POINTS:
+        if not isinstance(self.point, str) or self.point not in POINTS:
             raise ValidationError("site.point", f"one of {', '.join(POINTS)}", self.point)
         _check_ints("site.layers", self.layers)
         _check_ints("site.steps", self.steps)
@@ -155,7 +156,7 @@ class Intervention:
     steps: tuple[int, ...] | None = None  # attention_knockout with expert-1 queries
 
     def __post_init__(self) -> None:
-        if self.op not in OPS:
+        if not isinstance(self.op, str) or self.op not in OPS:  # an array would compare elementwise
             raise ValidationError("interventions.op", f"one of {', '.join(OPS)}", self.op)
         if self.op == "patch":
             object.__setattr__(self, "op", "set")
@@ -173,8 +174,8 @@ class Intervention:
             raise ValidationError(f"interventions.{required}", f"an array for op {self.op}", None)
         if not (isinstance(self.scale, int | float) and not isinstance(self.scale, bool)):
             raise ValidationError("interventions.scale", "a number", self.scale)
-        if not np.isfinite(self.scale):
-            raise ValidationError("interventions.scale", "a finite number", self.scale)
+        if not (np.isfinite(self.scale) and abs(self.scale) <= _FLOAT32_MAX):  # sent as float32
+            raise ValidationError("interventions.scale", "a finite number (float32)", self.scale)
         object.__setattr__(self, "scale", float(self.scale))
         for name in ("vector", "value", "mean", "factors"):
             array = getattr(self, name)
@@ -189,6 +190,7 @@ class Intervention:
             if not (
                 isinstance(ref, tuple)
                 and len(ref) == 2
+                and _is_int(ref[0])
                 and ref[0] in (0, 1)
                 and isinstance(ref[1], str)
             ):
@@ -397,7 +399,8 @@ def _array(field: str, value: Any) -> np.ndarray:
         raise ValidationError(field, expected + " and at most 3 axes", value)
     if not 0 < value.size <= MAX_INTERVENTION_ELEMENTS:
         raise ValidationError(field, expected, value)
-    array = value.astype(np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused below
+        array = value.astype(np.float32)
     if not np.isfinite(array).all():
         raise ValidationError(field, expected, "an array with NaN or infinity")
     return array

@@ -191,7 +191,7 @@ class LatentSpec:
 
 
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:  # `in` would compare arrays elementwise
         raise ValidationError(field, f"one of {', '.join(choices)}", value)
 
 

@@ -184,7 +184,9 @@ def _check_noise(noise: object, noise_seed: int | None) -> None:
         or not 0 < noise.size <= MAX_NOISE_ELEMENTS
     ):
         raise ValidationError("noise", expected, noise)
-    if not np.isfinite(noise).all():
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused
+        finite = np.isfinite(noise.astype(np.float32)).all()  # the model draws in float32
+    if not finite:
         raise ValidationError("noise", expected, "an array with NaN or infinity")
     if noise_seed is not None:
         raise ValidationError("noise", "absent when noise_seed is given (one or the other)", noise)
@@ -212,7 +214,8 @@ def check_readouts(value: Any) -> dict[str, Any]:
             raise ValidationError("readouts.logit_lens.top_k", f"an int in 1..{MAX_TOP_K}", top_k)
         out["logit_lens"] = {"top_k": top_k}
     if "action_lens" in value:
-        if value["action_lens"] is not True and value["action_lens"] != {}:
+        action_lens = value["action_lens"]
+        if not (action_lens is True or (isinstance(action_lens, Mapping) and not action_lens)):
             raise ValidationError("readouts.action_lens", "true or {}", value["action_lens"])
         out["action_lens"] = {}
     return out
