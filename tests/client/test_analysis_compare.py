@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
 from scipy import optimize, stats
@@ -17,7 +16,6 @@ from scipy import optimize, stats
 from latentpi.cli import main
 from latentpi.client.analysis import paired
 from latentpi.client.analysis.compare import (
-    Condition,
     action_difference,
     displacement,
     load_collection,
@@ -26,7 +24,9 @@ from latentpi.client.analysis.compare import (
 from latentpi.client.analysis.compare_report import COMPARE_FIELDS, COMPARE_SCHEMA
 from latentpi.client.rollout import EpisodeResult, Sample
 from latentpi.client.storage import TaskHeader, TaskWriter, task_path
+from latentpi.client.storage.condition import BASELINE, Condition
 from latentpi.protocol.errors import ValidationError
+from latentpi.protocol.interventions import Intervention
 from latentpi.protocol.latent_spec import LatentSpec
 
 SUITE = "libero_object"
@@ -90,7 +90,7 @@ def write_task(
     root: Path,
     task: int,
     episodes: list[Planted],
-    condition: dict[str, Any] | None = None,
+    condition: Condition = BASELINE,
     arguments: dict[str, Any] | None = None,
     checkpoint: str = "/ckpt/pi0_libero",
 ) -> Path:
@@ -99,7 +99,7 @@ def write_task(
         bddl_file="/none.bddl", model_config="pi0_libero", checkpoint=checkpoint,
         latent_spec=LatentSpec(), episode_arguments=arguments or ARGUMENTS,
         warnings=(("the policy has RANDOM WEIGHTS (random weights): noise",)
-                  if checkpoint.startswith("random weights") else ()),
+                  if checkpoint.startswith("random weights") else ()), condition=condition,
     )  # fmt: skip
     path = task_path(root, SUITE, task, f"task_{task}")
     with TaskWriter(path, header) as writer:
@@ -117,15 +117,17 @@ def write_task(
                     )
                 )  # fmt: skip
         writer.consolidate()
-    if condition is not None:  # the collector's root attribute (docs/data-format.md)
-        with h5py.File(path, "a") as f:
-            f.attrs["condition"] = json.dumps(condition)
     return path
 
 
-STEER = {"name": "steer_up", "interventions": [{"op": "add", "expert": 0, "layers": [2]}],
-         "interventions_sha256": "ab" * 32, "prompt": "{task}",
-         "counterfactual_prompts": ["{task}", "do not {task}"]}  # fmt: skip
+STEER = Condition(
+    name="steer_up",
+    interventions=(
+        Intervention.from_wire({"op": "add", "site": {"expert": 0, "layers": [2]}, "scale": 4.0,
+                                "vector": np.ones(16, np.float32)}),
+    ),
+    counterfactual_prompts=("{task}", "do not {task}"),
+)  # fmt: skip
 # task 0: baseline succeeds in 8 of 10; the condition fails 4 of those and succeeds in 1 more
 BASE_0 = [True] * 8 + [False] * 2
 COND_0 = [False] * 4 + [True] * 4 + [True, False]
@@ -288,7 +290,8 @@ def test_mean_interval_is_student_t() -> None:
 
 def test_pairing_matches_by_task_and_episode(folders: tuple[Path, Path]) -> None:
     baseline, condition = (load_collection(f) for f in folders)
-    assert baseline.condition == Condition() and condition.condition.name == "steer_up"
+    assert baseline.condition.record() == BASELINE.record()
+    assert condition.condition.record() == STEER.record()
     pairing = pair_collections(baseline, condition)
     assert [p.key for p in pairing.pairs][:2] == [(SUITE, 0, 0), (SUITE, 0, 1)]
     assert len(pairing.pairs) == 13
@@ -333,6 +336,9 @@ def test_success_difference_and_mcnemar_match_hand_computation(summary: dict) ->
     assert task_1["ci_low"] < 0 < task_1["ci_high"]
     pooled = one(summary, "success_difference", condition="steer_up", task=None)
     assert (pooled["n"], pooled["estimate"]) == (13, pytest.approx(-3 / 13))
+    described = summary["conditions"][0]["condition"]
+    assert described == STEER.record() and described["interventions"][0]["vector_shape"] == [16]
+    assert summary["baseline"]["condition"]["name"] == "baseline"
     pairing = summary["conditions"][0]["pairing"]
     assert pairing["pairs"] == 13 and pairing["baseline_only"] == [[SUITE, 1, 3]]
     assert pairing["condition_only"] == [[SUITE, 2, 0]]
@@ -407,9 +413,10 @@ def test_identical_collections_give_zeros(folders: tuple[Path, Path], tmp_path: 
         assert all(r["ci_low"] in (0, None) and r["ci_high"] in (0, None) for r in found), metric
     assert all(r["estimate"] == 0 for r in records(summary, "diverged_fraction"))
     assert all(r["n"] == 0 for r in records(summary, "divergence_step"))
-    # two collections of the same name get their folders in the label
+    # two collections of the same name get their folders in the label (and a folder twice, its place)
     labels = {r["condition"] for r in summary["records"]}
-    assert labels == {f"baseline ({folders[0]})"}
+    assert labels == {f"baseline ({folders[0]}) #1"}
+    assert summary["baseline"]["label"] == f"baseline ({folders[0]})"
 
 
 def test_different_episode_arguments_are_refused(

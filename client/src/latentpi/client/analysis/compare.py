@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,9 @@ import numpy as np
 
 from latentpi.client.analysis.report import find_task_files
 from latentpi.client.storage import EpisodeView, TaskFile
+from latentpi.client.storage.condition import Condition
 from latentpi.protocol.errors import ValidationError
 
-BASELINE = "baseline"
-TASK_PROMPT = "{task}"
 # episode_arguments that do not change what the robot does (what is recorded, not what happens)
 NON_DYNAMIC_ARGUMENTS = frozenset({"save_images", "stride"})
 EEF = slice(0, 3)  # end-effector position in `states` (metres)
@@ -45,49 +44,9 @@ TaskKey = tuple[str, int]  # (suite, task_id)
 EpisodeKey = tuple[str, int, int]  # (suite, task_id, episode index)
 
 
-@dataclass(frozen=True)
-class Condition:
-    """What a collection was run under (the task file's root attribute `condition`; a file without
-    it is the baseline)."""
-
-    name: str = BASELINE
-    interventions: tuple[Mapping[str, Any], ...] = ()
-    interventions_sha256: str | None = None
-    prompt: str = TASK_PROMPT
-    counterfactual_prompts: tuple[str, ...] = ()
-
-    @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any], where: str) -> Condition:
-        raw = attrs.get("condition")
-        if raw is None:
-            return cls()
-        record = json.loads(raw) if isinstance(raw, str | bytes) else raw
-        if not isinstance(record, Mapping) or not isinstance(record.get("name"), str):
-            raise ValidationError(
-                f"{where}: root attribute condition", "a JSON object with a name", raw
-            )
-        return cls(
-            name=record["name"],
-            interventions=tuple(record.get("interventions") or ()),
-            interventions_sha256=record.get("interventions_sha256"),
-            prompt=str(record.get("prompt", TASK_PROMPT)),
-            counterfactual_prompts=tuple(
-                str(p) for p in record.get("counterfactual_prompts") or ()
-            ),
-        )
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "interventions": [dict(i) for i in self.interventions],
-            "interventions_sha256": self.interventions_sha256,
-            "prompt": self.prompt,
-            "counterfactual_prompts": list(self.counterfactual_prompts),
-        }
-
-    def identity(self) -> tuple[Any, ...]:
-        """What must agree between the files of one collection."""
-        return (self.name, self.interventions_sha256, self.prompt, self.counterfactual_prompts)
+def condition_identity(condition: Condition) -> str:
+    """What must agree between the files of one collection (name, interventions' digest, prompts)."""
+    return json.dumps(condition.record(), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -215,7 +174,7 @@ def load_collection(root: str | Path) -> Collection:
                 f"{root}: task {task.key}", "one task file per suite and task", str(path)
             )
         tasks[task.key] = task
-    conditions = {t.condition.identity(): t.condition for t in tasks.values()}
+    conditions = {condition_identity(t.condition): t.condition for t in tasks.values()}
     if len(conditions) > 1:
         names = sorted({c.name for c in conditions.values()})
         raise ValidationError(
@@ -238,20 +197,23 @@ def _read_task(path: Path) -> Task:
             task_id=int(attrs.get("task_id", -1)),
             instruction=str(attrs.get("instruction", "")),
             attrs=attrs,
-            condition=Condition.from_attrs(attrs, str(path)),
+            condition=file.condition,  # its digest checked against its arrays
             episodes={view.index: Episode.read(view) for view in file.episodes},
         )
 
 
 def label_collections(collections: Sequence[Collection]) -> None:
     """Give each collection a unique label: its condition's name, plus its folder when two share
-    a name."""
+    a name, plus its position when a folder is given twice."""
     counts: dict[str, int] = {}
     for collection in collections:
         counts[collection.condition.name] = counts.get(collection.condition.name, 0) + 1
-    for collection in collections:
+    seen: set[str] = set()
+    for i, collection in enumerate(collections):
         name = collection.condition.name
-        collection.label = name if counts[name] == 1 else f"{name} ({collection.root})"
+        label = name if counts[name] == 1 else f"{name} ({collection.root})"
+        collection.label = label if label not in seen else f"{label} #{i}"  # one folder twice
+        seen.add(collection.label)
 
 
 # -- pairing ----------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ def _overview(collections: Sequence[Collection], out: Path) -> CompareSection:
     section = CompareSection("Conditions", out)
     rows = []
     for i, c in enumerate(collections):
-        ops = ", ".join(str(r.get("op", "?")) for r in c.condition.interventions) or "none"
+        records = c.condition.record()["interventions"]
+        ops = ", ".join(str(r.get("op", "?")) for r in records) or "none"
         sha = c.condition.interventions_sha256
         rows.append([
             "baseline" if i == 0 else "condition", c.label, str(c.root), c.condition.prompt,
