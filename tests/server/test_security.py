@@ -4,6 +4,7 @@ nothing but a failure's kind on the unauthenticated HTTP endpoints (docs/securit
 
 from __future__ import annotations
 
+import copy
 import logging
 import ssl
 import subprocess
@@ -26,9 +27,15 @@ from latentpi.client.policy_client import (
 )
 from latentpi.client.server_process import EmbeddedServer
 from latentpi.protocol.api_key import ApiKeyError, resolve_api_key
+from latentpi.protocol.codec import packb
+from latentpi.protocol.latent_layout import ModelShape, latent_bytes, latent_layouts
+from latentpi.protocol.latent_spec import LatentSpec, preset
+from latentpi.protocol.messages import ServerMetadata
 from latentpi.server.auth import is_authorized
 from latentpi.server.embedded import RunningServer
-from latentpi.server.settings import ServerSettings
+from latentpi.server.model import configs as model_configs
+from latentpi.server.model.configs import token_layout
+from latentpi.server.settings import DEFAULT_MAX_RESPONSE_BYTES, ServerSettings
 
 pytestmark = pytest.mark.filterwarnings(STOCK_CLIENT_WARNING)
 
@@ -235,3 +242,36 @@ def test_embedded_server_gets_its_key_outside_its_command_line(tls_files: TlsFil
         with LatentpiPolicyClient(url, KEY, tls_ca=tls_files.ca) as client:
             assert client.infer(observation(3, side=64))["actions"].shape == (50, 7)
         assert KEY not in server.log_tail()
+
+
+# -- what one small request may make the server build ---------------------------------------------
+def test_a_response_over_the_byte_limit_is_refused_before_running(clients: Clients) -> None:
+    base = tiny_engine("pi0_tiny")
+    shape = ServerMetadata.from_wire(base.metadata()).shape
+    small = LatentSpec(expert_0=False, text_only=False, layers=(0,))
+    one_row = latent_bytes(latent_layouts(small, shape))
+    engine = copy.copy(base)  # the same compiled model, other settings
+    engine.settings = base.settings.replace(max_response_bytes=4 * one_row)
+    with serving(engine) as server:
+        client = clients.codec(server)
+        request = observation(4, side=64, latent_spec=small.to_wire())
+        assert isinstance(client.send(packb(request)), bytes)
+        refused = client.send(packb({**request, "latent_spec": "full"}))
+        assert isinstance(refused, str)
+        assert refused.startswith(
+            f"bad request: latent_spec: expected a selection of at most {4 * one_row} bytes"
+        )
+        assert isinstance(client.send(packb({**request, "prompt_variants": [""] * 3})), bytes)
+        too_many = client.send(packb({**request, "prompt_variants": [""] * 4}))
+        assert isinstance(too_many, str) and "5 row(s)" in too_many
+        assert isinstance(client.send(packb(request)), bytes)  # and it keeps serving
+
+
+def test_the_default_limit_admits_pi0s_full_preset_but_not_seventeen() -> None:
+    config = model_configs.pi0("bfloat16")
+    widths = (config.expert_0.width, config.expert_1.width)
+    shape = ModelShape(
+        token_layout(config), config.depth, widths, config.expert_0.num_heads, config.num_steps
+    )
+    one = latent_bytes(latent_layouts(preset("full"), shape))
+    assert one < DEFAULT_MAX_RESPONSE_BYTES < 17 * one

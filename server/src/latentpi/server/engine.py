@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from latentpi.protocol.errors import ValidationError
-from latentpi.protocol.latent_layout import ArrayLayout, latent_layouts
+from latentpi.protocol.latent_layout import ArrayLayout, latent_bytes, latent_layouts
 from latentpi.protocol.latent_spec import LatentSpec
 from latentpi.protocol.messages import PolicyRequest, PolicyResponse, ServerMetadata
 from latentpi.server import device as _device
@@ -126,6 +126,8 @@ class PolicyEngine:
             variants=tuple((p, self._with_prompt(inputs, p)) for p in request.prompt_variants),
             readouts=request.readouts,
         )
+        if spec is not None:
+            self._check_response_size(spec, rows=1 + len(request.prompt_variants))
         if request.readouts and spec is not None:
             self._readouts.check(request.readouts, latent_layouts(spec, self._metadata.shape))
         if not request.interventions:
@@ -138,6 +140,17 @@ class PolicyEngine:
             edit_values=tuple(i.values() for i in resolved),
             records=tuple(i.to_wire(arrays=False) for i in resolved),
         )
+
+    def _check_response_size(self, spec: LatentSpec, rows: int) -> None:
+        size = rows * latent_bytes(latent_layouts(spec, self._metadata.shape))
+        limit = self.settings.max_response_bytes
+        if size > limit:
+            raise ValidationError(
+                "latent_spec",
+                f"a selection of at most {limit} bytes per response (the server's "
+                f"--max-response-bytes; {rows} row(s) with the prompt variants)",
+                f"{size} bytes",
+            )
 
     def run_batch(self, items: Sequence[PreparedRequest]) -> list[dict[str, Any]]:
         """One model call per chunk of at most max_batch rows (a request with prompt variants

@@ -9,6 +9,7 @@ from pathlib import Path
 from latentpi.protocol.latent_spec import LatentSpec
 
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024  # a request is two images and a prompt: far below this
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 30  # pi0's full preset in float32 is ~0.2 GiB
 DEFAULT_MAX_CONNECTIONS = 256  # collectors hold one connection per worker: far below this
 
 
@@ -29,6 +30,9 @@ class ServerSettings:
     max_batch: int = 8
     batch_window_ms: float = 5.0
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    # Latent bytes one response may carry (prompt variants included): a 100 KB request must not
+    # make the server build gigabytes. 1 GiB is also what latentpi's client accepts in a frame.
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_queue: int = 256
     batch_sizes: tuple[int, ...] = ()
     warmup_batch_sizes: tuple[int, ...] = (1,)  # compiled at start-up, with every warm-up spec
@@ -53,6 +57,10 @@ class ServerSettings:
         if not 1024 <= self.max_frame_bytes <= 2**31:
             raise ValueError(
                 f"max_frame_bytes: expected 1 KiB..2 GiB, received {self.max_frame_bytes}"
+            )
+        if not 1024 <= self.max_response_bytes <= 2**34:
+            raise ValueError(
+                f"max_response_bytes: expected 1 KiB..16 GiB, received {self.max_response_bytes}"
             )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: expected 0..65535, received {self.port}")

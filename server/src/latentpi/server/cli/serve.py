@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-frame-bytes", type=int, default=None, help="largest request frame (else 64 MiB)"
     )
     parser.add_argument(
+        "--max-response-bytes",
+        type=int,
+        default=None,
+        help="most latent bytes one response may carry, prompt variants included (else 1 GiB)",
+    )
+    parser.add_argument(
         "--warmup-batch-sizes",
         default="1",
         help="batch sizes compiled at start-up: comma-separated, or 'all' (every padded size)",
@@ -103,7 +109,11 @@ def run(args: argparse.Namespace) -> int:
     from latentpi.server.embedded import start_server
     from latentpi.server.engine_factory import build_engine
     from latentpi.server.serving import serving_config
-    from latentpi.server.settings import DEFAULT_MAX_FRAME_BYTES, ServerSettings
+    from latentpi.server.settings import (
+        DEFAULT_MAX_FRAME_BYTES,
+        DEFAULT_MAX_RESPONSE_BYTES,
+        ServerSettings,
+    )
 
     try:
         api_key = resolve_api_key(args.api_key, args.api_key_file)
@@ -120,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             batch_window_ms=args.batch_window_ms,
             max_frame_bytes=args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES,
+            max_response_bytes=args.max_response_bytes or DEFAULT_MAX_RESPONSE_BYTES,
             warmup_batch_sizes=_batch_sizes(args.warmup_batch_sizes, args.max_batch),
             warmup_specs=tuple(_latent_spec(text) for text in args.warmup_latents),
             strict_prompts=args.strict_prompts,
