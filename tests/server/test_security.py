@@ -219,8 +219,10 @@ def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
         (["--api-key-file", "/nonexistent/key"], "--api-key-file: expected a readable key file"),
         (["--api-key", " "], "--api-key: expected a non-empty key"),
         (["--tls-cert", "/nonexistent.pem"], "--tls-cert: expected --tls-cert and --tls-key"),
+        (["--max-queue", "0"], "--max-queue: expected 1..65536"),
+        (["--max-response-bytes", "10"], "--max-response-bytes: expected 1 KiB..16 GiB"),
     ],
-    ids=["missing key file", "blank key", "cert without key"],
+    ids=["missing key file", "blank key", "cert without key", "no queue", "tiny responses"],
 )
 def test_serve_refuses_bad_security_options_before_loading(args: list[str], message: str) -> None:
     result = serve("--config", "pi0_tiny", "--port", "0", *args)

@@ -62,6 +62,8 @@ class ServerSettings:
             raise ValueError(
                 f"max_response_bytes: expected 1 KiB..16 GiB, received {self.max_response_bytes}"
             )
+        if not 1 <= self.max_queue <= 65_536:
+            raise ValueError(f"max_queue: expected 1..65536, received {self.max_queue}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: expected 0..65535, received {self.port}")
         if self.api_key is not None and not self.api_key:

@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-window-ms", type=float, default=5.0, help="how long a batch waits to fill"
     )
     parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests waiting for the model; more are answered 'overloaded' (default 256)",
+    )
+    parser.add_argument(
         "--max-frame-bytes", type=int, default=None, help="largest request frame (else 64 MiB)"
     )
     parser.add_argument(
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
             tls_keyfile=args.tls_key,
             max_batch=args.max_batch,
             batch_window_ms=args.batch_window_ms,
+            max_queue=args.max_queue,
             max_frame_bytes=args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES,
             max_response_bytes=args.max_response_bytes or DEFAULT_MAX_RESPONSE_BYTES,
             warmup_batch_sizes=_batch_sizes(args.warmup_batch_sizes, args.max_batch),
