@@ -65,6 +65,12 @@ class ServerMetrics:
             "latentpi_queue_depth", "Requests waiting for the model", registry=r
         )
         self.clients = Gauge("latentpi_connected_clients", "Open websocket connections", registry=r)
+        self.connections_dropped = Counter(
+            "latentpi_connections_dropped",
+            "Connections refused, timed out or cut off by the connection limits, by reason",
+            ["reason"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
