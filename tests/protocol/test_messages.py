@@ -152,8 +152,7 @@ def test_any_image_size_within_the_bound(wire: dict) -> None:
             np.array([0, 0, 0, 0, 0, np.inf, 0, 0], np.float32),
             "observation/state",
         ),
-        ("prompt", "", "prompt"),
-        ("prompt", "   ", "prompt"),
+        ("prompt", b"bytes", "prompt"),
         ("prompt", 5, "prompt"),
         ("prompt", "x" * 5000, "prompt"),
         ("collect_latents", 1, "collect_latents"),
@@ -363,3 +362,9 @@ def test_layout_entries_check_their_own_arity() -> None:
 
 def test_request_helper_builds_a_valid_request() -> None:
     assert PolicyRequest.from_wire(libero_wire(3)).prompt
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_the_null_prompt_is_a_prompt(wire: dict, prompt: str) -> None:
+    """openpi tokenizes "" like any prompt; null-prompt studies send it."""
+    assert PolicyRequest.from_wire({**wire, "prompt": prompt}).prompt == prompt

@@ -79,12 +79,12 @@ BAD_REQUESTS = [
     BadRequest(
         "prompt not a str",
         {"prompt": 42},
-        ("prompt: expected a non-empty str", "received 42 (int)"),
+        ("prompt: expected a str of at most 4096 characters", "received 42 (int)"),
     ),
     BadRequest(
-        "empty prompt",
-        {"prompt": "   "},
-        ("prompt: expected a non-empty str", "received '   ' (str)"),
+        "prompt too long",
+        {"prompt": "x" * 4097},
+        ("prompt: expected a str of at most 4096 characters", "received 'xxxx"),
     ),
     BadRequest(
         "collect_latents not a bool",

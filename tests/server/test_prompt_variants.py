@@ -63,6 +63,14 @@ def test_more_variants_than_max_batch_are_chunked(policy: object) -> None:
     assert empty["prompt"] == "" and empty["actions"].shape == (50, 7)
 
 
+def test_the_null_prompt_drives_a_request_as_it_does_a_variant(policy: object) -> None:
+    """openpi tokenizes "" (BOS and the newline): a null-prompt rollout sends it as the prompt."""
+    null = policy.infer(observation(2, noise_seed=5, prompt=""))  # type: ignore[attr-defined]
+    other = policy.infer(observation(2, noise_seed=5, prompt_variants=[""]))  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(null["actions"], other["prompt_variants"][0]["actions"])
+    assert not np.array_equal(null["actions"], other["actions"])
+
+
 @pytest.mark.parametrize(
     ("variants", "message"),
     [

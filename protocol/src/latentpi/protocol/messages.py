@@ -250,10 +250,9 @@ def _check_state(state: object) -> None:
 
 
 def _check_prompt(prompt: object) -> None:
-    if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
-        raise ValidationError(
-            "prompt", f"a non-empty str of at most {MAX_PROMPT_CHARS} characters", prompt
-        )
+    # "" is the null prompt (BOS and the closing newline), which openpi tokenizes like any other
+    if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
+        raise ValidationError("prompt", f"a str of at most {MAX_PROMPT_CHARS} characters", prompt)
 
 
 # -- response -----------------------------------------------------------------------------------
