@@ -48,7 +48,7 @@ def profile(ci_examples: int) -> settings:
 # Python objects built per frame byte at worst: an empty map is one byte on the wire and a 64-byte
 # dict plus an 8-byte list slot in memory (measured: 72 bytes per byte).
 OBJECT_BYTES_PER_FRAME_BYTE = 80
-FIXED_OVERHEAD_BYTES = 64 * 1024
+FIXED_OVERHEAD_BYTES = 256 * 1024  # tracebacks of deep recursion, first-use caches
 
 
 @contextlib.contextmanager

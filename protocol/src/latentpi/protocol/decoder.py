@@ -158,6 +158,10 @@ class _Decoder:
         raise ProtocolError(f"invalid msgpack type byte 0x{code:02x} at offset {pos}")
 
     def text(self, size: int) -> str:
+        if size > self.limits.max_str_bytes:  # str8+ lengths are checked already; fixstr is not
+            raise ProtocolError(
+                f"a str of length {size} at offset {self.pos} exceeds the limit of {self.limits.max_str_bytes}"
+            )
         start = self.take(size, "a str")
         try:
             return str(self.buf[start : start + size], "utf-8")
@@ -292,6 +296,11 @@ class _Decoder:
         if count > self.limits.max_array_elements:
             raise ProtocolError(
                 f"{where}: shape {shape} has {count} elements, over the limit of {self.limits.max_array_elements}"
+            )
+        if count == 0 and max(shape, default=0) > self.limits.max_array_elements:
+            # numpy refuses a dimension over 2**63 - 1 even when another is 0 (ValueError)
+            raise ProtocolError(
+                f"{where}: dimension {max(shape)} in shape {shape} exceeds the limit of {self.limits.max_array_elements}"
             )
         self.total_elements += count
         if self.total_elements > self.limits.max_total_elements:

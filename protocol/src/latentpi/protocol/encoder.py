@@ -145,7 +145,7 @@ class _Encoder:
                 self.pack(key, depth + 1, path)
                 self.pack(value, depth + 1, f"{path}[{key!r:.40}]")
         elif isinstance(obj, np.ndarray):
-            self.enter(depth, path)
+            self.enter(depth + 1, path)  # two levels on the wire: the array map and its shape list
             self.ndarray(obj, path)
         elif isinstance(obj, np.generic):
             self.enter(depth, path)
