@@ -7,6 +7,7 @@ runs the same at scale."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import socket
 import threading
@@ -32,6 +33,7 @@ from loopback import STOCK_CLIENT_WARNING, observation, serving, tiny_engine
 from websockets.exceptions import InvalidStatus
 
 from latentpi.protocol.codec import packb
+from latentpi.server.cli import serve
 from latentpi.server.connections import PONG_ROOM
 from latentpi.server.embedded import RunningServer, start_server
 from latentpi.server.settings import ServerSettings
@@ -293,3 +295,31 @@ def test_settings_refuse_bad_limits() -> None:
         with pytest.raises(ValueError, match=f"{name}: expected seconds in"):
             ServerSettings(**{name: -1.0})
     assert ServerSettings(idle_timeout_s=None).idle_timeout_s is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-connections", "0"], "--max-connections: expected 1..65536, received 0"),
+        (["--handshake-timeout-s", "0"], "--handshake-timeout-s: expected seconds in (0, 86400]"),
+        (["--idle-timeout-s", "-5"], "--idle-timeout-s: expected seconds in (0, 86400]"),
+        (["--frame-timeout-s", "nan"], "--frame-timeout-s: expected seconds in (0, 86400]"),
+        (["--send-timeout-s", "1e9"], "--send-timeout-s: expected seconds in (0, 86400]"),
+    ],
+)
+def test_serve_refuses_bad_connection_limits(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    assert serve.run(parser.parse_args(["--config", "pi0_tiny", *argv])) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_idle_timeout_zero_means_never() -> None:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--config", "pi0_tiny", "--idle-timeout-s", "0"])
+    assert args.idle_timeout_s == 0  # run() turns 0 into None: ServerSettings(idle_timeout_s=None)
+    defaults = parser.parse_args(["--config", "pi0_tiny"])
+    assert (defaults.max_connections, defaults.idle_timeout_s) == (256, 600.0)

@@ -72,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="most latent bytes one response may carry, prompt variants included (else 1 GiB)",
     )
+    _add_connection_arguments(parser)
     parser.add_argument(
         "--warmup-batch-sizes",
         default="1",
@@ -104,6 +105,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """What one peer may hold and for how long (docs/server.md, "Connection limits")."""
+    from latentpi.server.settings import ServerSettings
+
+    defaults = ServerSettings()
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="open websocket connections; more are refused with HTTP 503 "
+        f"(default {defaults.max_connections})",
+    )
+    parser.add_argument(
+        "--handshake-timeout-s",
+        type=float,
+        default=defaults.handshake_timeout_s,
+        help="a new connection's time to send its request (default %(default)g)",
+    )
+    parser.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=defaults.idle_timeout_s,
+        help="close a websocket after this long without a request; 0: never (default %(default)g)",
+    )
+    parser.add_argument(
+        "--frame-timeout-s",
+        type=float,
+        default=defaults.frame_timeout_s,
+        help="close a websocket whose started frame is not finished in this time "
+        "(default %(default)g)",
+    )
+    parser.add_argument(
+        "--send-timeout-s",
+        type=float,
+        default=defaults.send_timeout_s,
+        help="cut off a peer that takes none of our bytes for this long (default %(default)g)",
     )
 
 
@@ -142,6 +182,11 @@ def run(args: argparse.Namespace) -> int:
             warmup_specs=tuple(_latent_spec(text) for text in args.warmup_latents),
             strict_prompts=args.strict_prompts,
             batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant],
+            max_connections=args.max_connections,
+            handshake_timeout_s=args.handshake_timeout_s,
+            idle_timeout_s=args.idle_timeout_s or None,
+            frame_timeout_s=args.frame_timeout_s,
+            send_timeout_s=args.send_timeout_s,
         )
     except ValueError as error:
         option, _, detail = str(error).partition(":")
