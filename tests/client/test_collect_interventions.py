@@ -30,7 +30,7 @@ import pytest
 
 from latentpi.client.collect import CollectOptions, collect
 from latentpi.client.collect.condition import default_name, load_condition, load_interventions
-from latentpi.client.rollout import EpisodeResult, QueryCondition, Sample, split_variants
+from latentpi.client.rollout import EpisodeResult, QueryCondition, Sample, variant_actions
 from latentpi.client.server_process import EmbeddedServer
 from latentpi.client.storage import TaskFile, TaskHeader, TaskWriter
 from latentpi.client.storage.condition import BASELINE, Condition
@@ -172,11 +172,13 @@ def test_prompts_and_names(tmp_path: Path) -> None:
     assert cf.name == "baseline" and cf.is_baseline  # counterfactuals only observe
     assert cf.render("open it") == ("open it", ("", "do not open it"))
     assert load_condition(replace(base, condition="mine", prompt_variant="")).name == "mine"
-    with pytest.raises(ValidationError, match=r"--counterfactual-prompt: expected at most 15"):
-        load_condition(replace(base, prompt_variant="", counterfactual_prompts=("a",) * 16))
+    with pytest.raises(ValidationError, match=r"--counterfactual-prompt: expected at most 16"):
+        load_condition(replace(base, prompt_variant="", counterfactual_prompts=("a",) * 17))
     with pytest.raises(ValidationError, match=r"--condition: expected a name"):
         load_condition(replace(base, condition=" "))
-    with pytest.raises(ValidationError, match=r"--intervene .*missing\.json: expected .*no such file"):
+    with pytest.raises(
+        ValidationError, match=r"--intervene .*missing\.json: expected .*no such file"
+    ):
         load_condition(replace(base, intervene=tmp_path / "missing.json"))
 
 
@@ -191,24 +193,24 @@ def test_the_digest_follows_the_content_not_the_formatting(tmp_path: Path) -> No
     assert changed.interventions_sha256 != first.interventions_sha256
 
 
-def test_split_variants_checks_what_the_server_sent_back() -> None:
+def test_variant_actions_are_checked_against_what_was_sent() -> None:
     actions = np.zeros((4, 7))
     variants = ({"prompt": "", "actions": actions + 1}, {"prompt": "b", "actions": actions + 2})
     response = PolicyResponse(actions=actions, prompt_variants=variants)
-    driving, counterfactual = split_variants(response, ("", "b"), by_variant=True)
-    np.testing.assert_array_equal(driving.actions, actions + 1)
-    assert counterfactual.shape == (1, 4, 7) and counterfactual.dtype == np.float64
-    np.testing.assert_array_equal(counterfactual[0], actions + 2)
+    counterfactual = variant_actions(response, ("", "b"))
+    assert counterfactual.shape == (2, 4, 7) and counterfactual.dtype == np.float64
+    np.testing.assert_array_equal(counterfactual[1], actions + 2)
     with pytest.raises(ValidationError, match=r"prompt_variants: expected one entry per prompt"):
-        split_variants(response, ("", "c"), by_variant=True)
+        variant_actions(response, ("", "c"))
+    with pytest.raises(ValidationError, match=r"prompt_variants: expected one entry per prompt"):
+        variant_actions(PolicyResponse(actions=actions), ("",))  # a server that ignored them
     short = PolicyResponse(
         actions=actions, prompt_variants=({"prompt": "", "actions": actions[:2]},)
     )
     with pytest.raises(ValidationError, match=r"prompt_variants\[0\]\.actions"):
-        split_variants(short, ("",), by_variant=True)
-    null = QueryCondition("", ("b",))
-    assert null.fields("open it") == {"prompt": "open it", "prompt_variants": ["", "b"]}
-    assert QueryCondition("open it").fields("open it") == {"prompt": "open it"}
+        variant_actions(short, ("",))
+    assert QueryCondition("", ("b",)).fields() == {"prompt": "", "prompt_variants": ["b"]}
+    assert QueryCondition("open it").fields() == {"prompt": "open it"}
 
 
 # -- the file's record of the condition ---------------------------------------------------------
@@ -313,7 +315,7 @@ def server_url() -> Iterator[str]:
 def run(out: Path, url: str, **changes: Any) -> CollectOptions:
     options = CollectOptions(
         suite="libero_object", out=out, tasks="0", trials=1, max_steps=MAX_STEPS, stride=STRIDE,
-        server=url, api_key=KEY, num_steps_wait=3, latents="pooled",
+        server=url, api_key=KEY, num_steps_wait=3,
     )  # fmt: skip
     options = replace(options, **changes)
     collect(options, progress=False)
@@ -395,15 +397,41 @@ def test_a_zero_effect_intervention_is_the_baseline_bit_for_bit_and_a_real_one_i
     ):
         collect(replace(zero, out=baseline), progress=False)
 
-    run(tmp_path / "steer", server_url, intervene=strong_add(tmp_path / "files"))
+    # a real one: the same first observation, other actions (one query suffices)
+    run(tmp_path / "steer", server_url, intervene=strong_add(tmp_path / "files"), max_steps=5)
     steered = episode_arrays(tmp_path / "steer")
-    np.testing.assert_array_equal(
-        steered["replay/query_sim_states"][0], reference["replay/query_sim_states"][0]
-    )
+    for name in ("replay/query_sim_states", "states"):
+        np.testing.assert_array_equal(steered[name][0], reference[name][0], err_msg=name)
     assert not np.array_equal(steered["actions"][0], reference["actions"][0])
-    assert not np.array_equal(
-        steered["replay/query_sim_states"][1], reference["replay/query_sim_states"][1]
-    )
+    executed = steered["replay/executed_actions"]
+    assert not np.array_equal(executed, reference["replay/executed_actions"][: len(executed)])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server bug found here: with an expert-1 `add` (even scale 0) in the program, the "
+    "mean-pooled expert-1 entry of the last layer's output (entry `depth`, pooled after the scan) "
+    "differs from the plain program's by 1 ulp (reduction order); unpooled and `last` pooling "
+    "are bit-identical, and so are the actions. Fix belongs in server/model/capture.py.",
+)
+@pytest.mark.slow
+def test_a_zero_effect_add_leaves_mean_pooled_expert_1_latents_bit_identical(
+    server_url: str,
+) -> None:
+    from latentpi.client.policy_client import LatentpiPolicyClient
+
+    image = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
+    request = {
+        "observation/image": image, "observation/wrist_image": image[::-1],
+        "observation/state": np.ones(8, np.float32), "prompt": "pick it up", "noise_seed": 3,
+        "latent_spec": {"preset": "pooled"},
+    }  # fmt: skip
+    add = [{"op": "add", "site": {"expert": 1}, "scale": 0.0, "vector": DIRECTION}]
+    with LatentpiPolicyClient(server_url, KEY) as client:
+        plain = client.infer(request)
+        zero = client.infer({**request, "interventions": add})
+    np.testing.assert_array_equal(zero["actions"], plain["actions"])
+    np.testing.assert_array_equal(zero["expert_1_hidden_states"], plain["expert_1_hidden_states"])
 
 
 @pytest.mark.slow
@@ -426,8 +454,7 @@ def test_counterfactual_prompts_store_what_those_prompts_would_have_done(
         assert (
             task.condition.counterfactual_prompts == prompts and task.condition.name == "baseline"
         )
-    # each equals a run driven by that prompt, at the first query (same observation and noise);
-    # the null prompt drives through a prompt variant (the server refuses an empty prompt)
+    # each equals a run driven by that prompt, at the first query (same observation and noise)
     for index, prompt in enumerate(prompts):
         out = tmp_path / f"driven_{index}"
         run(out, server_url, prompt_variant=prompt, max_steps=5)

@@ -16,11 +16,9 @@ The policy's exceptions propagate; the environment's raise `SimulationError` wit
 far: the caller decides whether an episode is retried or recorded as failed.
 
 Condition (`QueryCondition`, optional). Every query can carry `interventions` and be driven by
-another prompt than the task's instruction; `counterfactual_prompts` go as the request's
-`prompt_variants`, and the actions each would have produced at the same observation and noise are
-kept per query (`replay/counterfactual_actions`). The server refuses an empty `prompt`, so an empty
-driving prompt (the null prompt) travels as prompt variant 0 and the episode is driven by that row
-(the request's own row, the instruction, is computed and discarded).
+another prompt than the task's instruction ("" is the null prompt); `counterfactual_prompts` go as
+the request's `prompt_variants`, and the actions each would have produced at the same observation
+and noise are kept per query (`replay/counterfactual_actions`).
 """
 
 from __future__ import annotations
@@ -71,23 +69,11 @@ class QueryCondition:
     counterfactual_prompts: tuple[str, ...] = ()  # sent as prompt_variants; their actions kept
     interventions: tuple[Mapping[str, Any], ...] = ()  # the request's wire maps, with arrays
 
-    @property
-    def by_variant(self) -> bool:
-        """The server refuses an empty prompt: the null prompt is sent as prompt variant 0."""
-        return not self.prompt.strip()
-
-    @property
-    def variants(self) -> tuple[str, ...]:
-        """The prompt_variants a query sends (the null driving prompt first)."""
-        if self.by_variant:
-            return (self.prompt, *self.counterfactual_prompts)
-        return self.counterfactual_prompts
-
-    def fields(self, instruction: str) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
         """The request's prompt, prompt_variants and interventions."""
-        out: dict[str, Any] = {"prompt": instruction if self.by_variant else self.prompt}
-        if self.variants:
-            out["prompt_variants"] = list(self.variants)
+        out: dict[str, Any] = {"prompt": self.prompt}
+        if self.counterfactual_prompts:
+            out["prompt_variants"] = list(self.counterfactual_prompts)
         if self.interventions:
             out["interventions"] = [dict(entry) for entry in self.interventions]
         return out
@@ -268,8 +254,8 @@ class _Episode:
     def query(self) -> None:
         observation = LiberoObservation.from_env(self.obs, self.resolution)
         sampled = is_sampled(self.step, self.stride, self.replan_steps)
-        request = observation.to_request(self.task.instruction)
-        request |= self.condition.fields(self.task.instruction)
+        request = observation.to_request(self.condition.prompt)
+        request |= self.condition.fields()
         if sampled:
             request |= {"collect_latents": True, "latent_spec": self.spec.to_wire()}
         seed = self.noise_seed(self.queries) if self.noise_seed is not None else None
@@ -285,14 +271,14 @@ class _Episode:
         self.plan.extend(response.actions[: self.replan_steps])
 
     def _conditioned(self, response: PolicyResponse) -> PolicyResponse:
-        """The driving response; the counterfactual prompts' actions and the intervention
-        records go to the trace."""
-        driving, counterfactual, records = conditioned(self.condition, response)
+        """The response; the counterfactual prompts' actions and the intervention records go
+        to the trace."""
+        counterfactual, records = conditioned(self.condition, response)
         if self.condition.counterfactual_prompts:
             self.trace.counterfactual_actions.append(counterfactual)
         if not self.trace.interventions:
             self.trace.interventions = records
-        return driving
+        return response
 
     def _trace_query(self, sampled: bool, seed: int | None) -> None:
         self.trace.query_timesteps.append(self.step)
@@ -340,24 +326,22 @@ def parse_response(response: Any, replan_steps: int) -> PolicyResponse:
 
 def conditioned(
     condition: QueryCondition, response: PolicyResponse
-) -> tuple[PolicyResponse, np.ndarray, tuple[Mapping[str, Any], ...]]:
-    """(the driving response — prompt variant 0 for the null prompt —, the counterfactual
-    prompts' actions (V, horizon, dim) float64, the server's intervention records)."""
+) -> tuple[np.ndarray, tuple[Mapping[str, Any], ...]]:
+    """(the counterfactual prompts' actions (V, horizon, dim) float64, the server's intervention
+    records), checked against what the query sent."""
     if condition.interventions and not response.interventions:
         raise ValidationError(
             "interventions",
             "the server's record of the interventions it applied (a latentpi server)",
             "none: the server ignored them",
         )
-    driving, counterfactual = split_variants(response, condition.variants, condition.by_variant)
-    return driving, counterfactual, tuple(response.interventions)
+    counterfactual = variant_actions(response, condition.counterfactual_prompts)
+    return counterfactual, tuple(response.interventions)
 
 
-def split_variants(
-    response: PolicyResponse, sent: tuple[str, ...], by_variant: bool
-) -> tuple[PolicyResponse, np.ndarray]:
-    """(the driving response, the counterfactual prompts' actions (V, horizon, dim) float64),
-    checked against what was sent."""
+def variant_actions(response: PolicyResponse, sent: tuple[str, ...]) -> np.ndarray:
+    """The prompt variants' actions (V, horizon, dim) float64, checked against what was sent:
+    one entry per prompt, in order, each shaped as the request's own actions."""
     variants = response.prompt_variants
     if [v.get("prompt") for v in variants] != list(sent):
         raise ValidationError(
@@ -374,19 +358,8 @@ def split_variants(
                 f"an array of shape {shape} (as the request's actions)",
                 actions,
             )
-    driving = response
-    if by_variant:
-        first = variants[0]
-        driving = PolicyResponse(
-            actions=first["actions"],
-            latents={name: first.get(name) for name in response.latents},
-            latent_layout=response.latent_layout,
-            latent_spec=response.latent_spec,
-            interventions=response.interventions,
-        )
-    counterfactual = [v["actions"] for v in variants[1 if by_variant else 0 :]]
-    stacked = np.asarray(counterfactual, np.float64).reshape(len(counterfactual), *shape)
-    return driving, stacked
+    counterfactual = [v["actions"] for v in variants]
+    return np.asarray(counterfactual, np.float64).reshape(len(counterfactual), *shape)
 
 
 def _sample(

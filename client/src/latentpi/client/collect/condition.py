@@ -60,13 +60,10 @@ def load_condition(options: CollectOptions) -> Condition:
     _check_template("--prompt-variant", prompt)
     for template in counterfactual:
         _check_template("--counterfactual-prompt", template)
-    by_variant = QueryCondition(prompt).by_variant  # the null prompt travels as a variant too
-    most = MAX_PROMPT_VARIANTS - by_variant
-    if len(counterfactual) > most:
+    if len(counterfactual) > MAX_PROMPT_VARIANTS:
         raise ValidationError(
             "--counterfactual-prompt",
-            f"at most {most} prompts (the server's limit {MAX_PROMPT_VARIANTS}"
-            + (", one taken by the empty --prompt-variant)" if by_variant else ")"),
+            f"at most {MAX_PROMPT_VARIANTS} prompts (the server's limit)",
             f"{len(counterfactual)} prompts",
         )
     name = options.condition
@@ -273,14 +270,14 @@ def check_with_server(
         "observation/wrist_image": np.zeros(side, np.uint8),
         "observation/state": np.zeros(8, np.float32),
         "noise_seed": 0,
-        **query.fields(instruction),
+        **query.fields(),
     }
     with connect(url, options.api_key, options.retry_timeout_s, metadata) as client:
         try:
             response = client.infer(request)
         except ServerRejected as error:
             raise _refused(str(error), options) from None
-    records = conditioned(query, parse_response(response, options.replan_steps))[2]
+    records = conditioned(query, parse_response(response, options.replan_steps))[1]
     logger.info("the server applies the interventions as %s", list(records))
     return records
 
