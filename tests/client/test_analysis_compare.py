@@ -481,3 +481,56 @@ def test_random_weights_are_said(folders: tuple[Path, Path], tmp_path: Path) -> 
         "model_config" in n or "checkpoint" in n
         for n in summary["conditions"][0]["pairing"]["notes"]
     )
+
+
+# -- end to end: real `latentpi collect` (LIBERO, pi0_tiny server), then `analyze --compare` -------
+
+
+@pytest.mark.slow
+def test_collect_baseline_and_intervened_then_compare(tmp_path: Path) -> None:
+    """The real collector in this process (as tests/client/test_collect_interventions.py; the
+    command line's own parsing is tested there): LIBERO's import is paid once."""
+    from latentpi.client.collect import CollectOptions, collect
+    from latentpi.client.server_process import EmbeddedServer
+
+    key = "compare-key"
+    steer = tmp_path / "steer.json"  # a strong add on the action expert: the arm must move away
+    direction = np.random.default_rng(0).standard_normal(32)  # pi0_tiny's expert-1 width
+    steer.write_text(json.dumps([{"op": "add", "site": {"expert": 1, "layers": [1]},
+                                  "scale": 50.0, "vector": direction.tolist()}]))  # fmt: skip
+    with EmbeddedServer("pi0_tiny", api_key=key) as server:
+        for out, condition in (
+            (tmp_path / "baseline", {}),
+            (tmp_path / "steer", {"intervene": steer, "counterfactual_prompts": ("",)}),
+        ):
+            options = CollectOptions(
+                suite="libero_object", out=out, tasks="0", trials=2, max_steps=10, stride=5,
+                server=server.url, api_key=key, num_steps_wait=3, latents="attention",
+                **condition,
+            )  # fmt: skip
+            collect(options, progress=False)
+    report = tmp_path / "report"
+    compare = (
+        "--compare",
+        str(tmp_path / "baseline"),
+        str(tmp_path / "steer"),
+        "--out",
+        str(report),
+    )
+    assert analyze(*compare) == 0
+    summary = json.loads((report / "summary.json").read_text())
+    (condition,) = summary["conditions"]
+    assert condition["label"] == "steer" and condition["condition"]["interventions_sha256"]
+    assert condition["pairing"]["pairs"] == 2
+    assert condition["pairing"]["baseline_only"] == condition["pairing"]["condition_only"] == []
+    assert [(r["task"], r["episode"]) for r in condition["pairing"]["episodes"]] == [(0, 0), (0, 1)]
+    assert summary["baseline"]["random_weights"] and any("RANDOM" in w for w in summary["warnings"])
+    curve = records(summary, "displacement_by_step", condition="steer", task=0)
+    assert [r["timestep"] for r in curve] == [0, 5] and [r["n"] for r in curve] == [2, 2]
+    assert curve[0]["estimate"] == 0  # the same init state and env seed
+    assert curve[1]["estimate"] > 0  # five steps of steered actions moved the arm elsewhere
+    assert one(summary, "displacement_max", condition="steer", task=None)["estimate"] > 0
+    arm = one(summary, "action_difference_mean", condition="steer", task=None, dims="arm")
+    assert arm["estimate"] > 0 and arm["n"] == 2
+    null = one(summary, "counterfactual_difference_mean", condition="steer", task=0, dims="arm")
+    assert null["variant"] == "''" and null["n"] == 2 and null["estimate"] > 0
