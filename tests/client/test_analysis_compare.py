@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 from scipy import optimize, stats
@@ -461,6 +462,21 @@ def test_clear_errors(
     write_task(empty, 0, [])
     assert analyze("--compare", str(folders[0]), str(empty), "--out", out) == 2
     assert "at least one finished episode" in capsys.readouterr().err
+    # a condition record the protocol does not accept, or whose arrays are not what it says
+    broken = tmp_path / "broken"
+    path = write_task(broken, 0, [Planted(0, 0, True)], STEER)
+    with h5py.File(path, "a") as f:
+        record = json.loads(f.attrs["condition"])
+        f["condition/interventions/0/vector"][0] = 2.0
+    assert analyze("--compare", str(folders[0]), str(broken), "--out", out) == 2
+    assert (
+        f"{path}: root attribute condition: condition/interventions: expected"
+        in capsys.readouterr().err
+    )
+    with h5py.File(path, "a") as f:
+        f.attrs["condition"] = json.dumps(record | {"interventions": [{"op": "add", "expert": 0}]})
+    assert analyze("--compare", str(folders[0]), str(broken), "--out", out) == 2
+    assert f"{path}: root attribute condition: interventions" in capsys.readouterr().err
     # no episode pairs (another task only)
     lonely = tmp_path / "lonely"
     write_task(lonely, 5, [Planted(5, 0, True)])

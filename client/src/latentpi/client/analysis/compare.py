@@ -191,13 +191,17 @@ def load_collection(root: str | Path) -> Collection:
 def _read_task(path: Path) -> Task:
     with TaskFile(path) as file:
         attrs = dict(file.attrs)
+        try:
+            condition = file.condition  # its digest checked against its arrays
+        except ValidationError as error:
+            raise error.renamed(f"{path}: root attribute condition: {error.field}") from None
         return Task(
             path=path,
             suite=str(attrs.get("suite", "")),
             task_id=int(attrs.get("task_id", -1)),
             instruction=str(attrs.get("instruction", "")),
             attrs=attrs,
-            condition=file.condition,  # its digest checked against its arrays
+            condition=condition,
             episodes={view.index: Episode.read(view) for view in file.episodes},
         )
 
