@@ -12,9 +12,9 @@ test) is too wide when they agree and can be wrong when they do not. Only the di
 carry information on the difference: McNemar's exact test conditions on their number, and
 Tango's score interval (Tango 1998, Stat Med 17:891) inverts the paired score statistic with the
 restricted maximum-likelihood variance — near-nominal coverage down to a few dozen pairs and
-defined when no pair is discordant (where the Wald interval collapses to a point), recommended by
-Fagerland, Lydersen & Laake (2014, Stat Med 33:2850). Coverage is checked by simulation in
-tests/client/test_analysis_compare.py.
+defined when no pair is discordant (where the Wald interval collapses to a point); among the
+intervals recommended by Fagerland, Lydersen & Laake (2014, Stat Med 33:2850). Coverage is checked
+by simulation in tests/client/test_analysis_compare.py.
 """
 
 from __future__ import annotations
