@@ -397,6 +397,8 @@ def test_counterfactual_prompts_only_over_the_executed_steps(summary: dict) -> N
         assert f"{name}.svg" in summary["figures"]
     page = (out / "index.html").read_text()
     assert "steer_up: success" in page and "McNemar" in page
+    assert f"only in the baseline): {SUITE} task 1 episode 3." in page
+    assert f"only in the condition): {SUITE} task 2 episode 0." in page
     assert (out / "summary.csv").read_text().splitlines()[0] == ",".join(COMPARE_FIELDS)
 
 

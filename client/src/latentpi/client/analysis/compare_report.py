@@ -271,6 +271,13 @@ def _success(
         rows,
     )  # fmt: skip
     _forest(section, condition, forest)
+    for side, keys in (("baseline", pairing.baseline_only), ("condition", pairing.condition_only)):
+        if keys:
+            listed = ", ".join(f"{s} task {t} episode {e}" for s, t, e in keys[:20])
+            more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
+            section.note(f"Not compared (only in the {side}): {listed}{more}.")
+    for note in pairing.notes:
+        section.note(note)
     return section
 
 
