@@ -455,6 +455,11 @@ def test_clear_errors(
         (("--compare", str(folders[0])), "at least one CONDITION_DIR"),
         (("x", "--compare", str(folders[0]), str(folders[1])), "no positional folder"),
         (("--compare", str(folders[0]), str(folders[1]), "--tolerance", "0"), "positive distance"),
+        (
+            ("--compare", str(folders[0]), str(folders[1]), "--shuffles", "9"),
+            "--shuffles: expected",
+        ),
+        (("--compare", str(folders[0]), str(folders[1]), "--expert", "expert_1"), "--expert: exp"),
     ]
     for argv, message in cases:
         assert analyze(*argv, "--out", out) == 2, argv

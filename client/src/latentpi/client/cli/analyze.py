@@ -27,23 +27,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--expert",
-        default="text_only",
+        default=None,
         choices=("text_only", "expert_0", "expert_1"),
         help="whose representation the drift and the probes use (default: text_only)",
     )
     parser.add_argument(
         "--shuffles",
         type=int,
-        default=200,
+        default=None,
         help="shuffled-label repeats per probe (default 200: smallest p = 1/201 < 0.005)",
     )
     parser.add_argument(
         "--bootstrap",
         type=int,
-        default=100,
+        default=None,
         help="episode-resampled repeats of each cross-validation for the 95%% interval",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="the probes' resampling seed (0)")
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -77,8 +77,12 @@ def _report(args: argparse.Namespace) -> object:
     if args.tolerance is not None:
         raise ValidationError("--tolerance", "only with --compare", args.tolerance)
     config = ReportConfig(
-        args.expert,
-        ProbeConfig(n_shuffles=args.shuffles, n_bootstrap=args.bootstrap, seed=args.seed),
+        args.expert or "text_only",
+        ProbeConfig(
+            n_shuffles=200 if args.shuffles is None else args.shuffles,
+            n_bootstrap=100 if args.bootstrap is None else args.bootstrap,
+            seed=args.seed or 0,
+        ),
     )
     return build_report(args.dir, args.out, config)
 
@@ -101,6 +105,9 @@ def _compare(args: argparse.Namespace) -> object:
         raise ValidationError(
             "--compare", "BASELINE_DIR and at least one CONDITION_DIR", args.compare
         )
+    for option in ("expert", "shuffles", "bootstrap", "seed"):
+        if getattr(args, option) is not None:  # the report's options: --compare has no probes
+            raise ValidationError(f"--{option}", "no value with --compare", getattr(args, option))
     tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
     baseline, *conditions = args.compare
     return build_comparison(baseline, conditions, args.out, CompareConfig(tolerance))
