@@ -189,14 +189,16 @@ def test_an_array_where_a_name_belongs_is_named_not_an_internal_error(
         ({"interventions": [{"op": "add", "site": {"expert": 0}, "vector": np.ones(16, np.float32),
                              "scale": 1e39}]}, "interventions[0].scale"),
         ({"noise": np.full((5, 4), 1e39)}, "noise"),
+        ({"observation/state": np.full(8, -1e39)}, "observation/state"),
     ],
-    ids=["knockout expert true", "scale over float32", "float64 noise over float32"],
+    ids=["knockout expert true", "scale over float32", "float64 noise over float32",
+         "float64 state over float32"],
 )  # fmt: skip
 def test_values_that_would_reach_the_model_as_garbage_are_refused(
     changes: dict[str, Any], field: str
 ) -> None:
-    """Was accepted: a bool expert (True == 1), a scale or float64 noise that float32 (what the
-    model computes in) turns into infinity."""
+    """Was accepted: a bool expert (True == 1), a scale, float64 noise or state that float32 (what
+    the model computes in) turns into infinity."""
     with pytest.raises(ValidationError) as error:
         PolicyRequest.from_wire(over_the_wire({**BASE, **changes}))
     assert error.value.field == field

@@ -245,7 +245,9 @@ def _check_state(state: object) -> None:
         or state.shape != (LIBERO_STATE_DIM,)
     ):
         raise ValidationError(STATE_KEY, f"a float array of shape ({LIBERO_STATE_DIM},)", state)
-    if not np.all(np.isfinite(state)):
+    with np.errstate(over="ignore"):  # float64 beyond float32's range is inf to the model
+        finite = np.isfinite(state.astype(np.float32)).all()
+    if not finite:
         raise ValidationError(STATE_KEY, "finite values (no NaN or inf)", state.tolist())
 
 
