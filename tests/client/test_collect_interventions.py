@@ -213,6 +213,29 @@ def test_variant_actions_are_checked_against_what_was_sent() -> None:
     assert QueryCondition("open it").fields() == {"prompt": "open it"}
 
 
+@pytest.mark.slow  # reads LIBERO's task list (seconds); no server is started
+def test_the_cli_refuses_a_bad_condition_before_the_server_starts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from latentpi.cli import main
+
+    pickled = write_intervene(
+        tmp_path, "pickled", [{"op": "add", "site": {"expert": 0}, "vector": {"npz": "v"}}],
+        v=np.array([{"evil": 1}], dtype=object),
+    )  # fmt: skip
+    base = ["--suite", "libero_object", "--tasks", "0", "--out", str(tmp_path / "out")]
+    for extra, message in [
+        (["--intervene", str(pickled)], f"{pickled}: interventions[0].vector: expected pickled.npz[v]"),
+        (["--counterfactual-prompt", "x"] * 17, "--counterfactual-prompt: expected at most 16"),
+        (["--condition", ""], "--condition: expected a name of 1 to 200 characters"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as caught:
+            main(["collect", *base, *extra])
+        assert caught.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not list((tmp_path / "out").rglob("*.h5*"))
+
+
 # -- the file's record of the condition ---------------------------------------------------------
 def header(condition: Condition) -> TaskHeader:
     return TaskHeader(
