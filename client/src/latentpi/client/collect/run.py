@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from latentpi.client.collect.condition import check_prompts, check_with_server, load_condition
+from latentpi.client.collect.disk import no_space_message
 from latentpi.client.collect.events import Event
 from latentpi.client.collect.identity import config_of, model_identity, same_model
 from latentpi.client.collect.options import (
@@ -30,7 +31,7 @@ from latentpi.client.collect.options import (
 )
 from latentpi.client.collect.progress import Progress, TaskSummary, summarize, write_success_table
 from latentpi.client.collect.task import TaskJob
-from latentpi.client.collect.workers import connect, run_jobs
+from latentpi.client.collect.workers import CollectError, connect, run_jobs
 from latentpi.client.libero_env import TaskInfo, env_arguments, list_tasks
 from latentpi.client.policy_client import ServerChanged
 from latentpi.client.server_process import EmbeddedServer
@@ -65,6 +66,20 @@ def collect(
     *,
     on_event: Callable[[Event], None] | None = None,
     progress: bool | None = None,
+) -> CollectResult:
+    try:
+        return _collect(options, on_event, progress)
+    except OSError as error:  # the output volume full: a clear stop, not a traceback
+        message = no_space_message(error, options.out)
+        if message is None:
+            raise
+        raise CollectError("DiskFull", message) from error
+
+
+def _collect(
+    options: CollectOptions,
+    on_event: Callable[[Event], None] | None,
+    progress: bool | None,
 ) -> CollectResult:
     spec, tasks = plan_tasks(options)
     condition = load_condition(options)

@@ -20,6 +20,7 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from latentpi.client.collect.disk import no_space_message
 from latentpi.client.collect.events import Event, WorkerFailed
 from latentpi.client.collect.task import TaskJob, collect_task
 from latentpi.client.policy_client import Backoff, LatentpiPolicyClient, ServerChanged
@@ -167,7 +168,9 @@ def _worker_main(
     except Exception as error:
         logger.debug("worker failed", exc_info=True)
         task_id = job.task.task_id if job is not None else None
-        events.put(WorkerFailed(task_id, type(error).__name__, str(error)))
+        full = no_space_message(error, job.options.out) if job is not None else None
+        kind, message = ("DiskFull", full) if full else (type(error).__name__, str(error))
+        events.put(WorkerFailed(task_id, kind, message))
         events.close()
         events.join_thread()
         raise SystemExit(1) from None

@@ -10,10 +10,11 @@ self-contained task file, replaces the index with it atomically, and only then r
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -108,7 +109,7 @@ class TaskWriter(ClosesOnExit):
         if not found:
             return
         tmp = _tmp(self.path)
-        with h5py.File(tmp, "w") as out:
+        with _new_file(tmp) as out:
             out.attrs.update(self._root_attrs())
             write_arrays(out, self._condition)
             for index, source in sorted(found.items()):
@@ -177,7 +178,7 @@ class TaskWriter(ClosesOnExit):
 
     def _write_index(self) -> None:
         tmp = _tmp(self.path)
-        with h5py.File(tmp, "w") as out:
+        with _new_file(tmp) as out:
             out.attrs.update(self._root_attrs())
             write_arrays(out, self._condition)
             for index, source in sorted(sources(self.dir).items()):
@@ -202,10 +203,15 @@ class EpisodeWriter:
         self.final = task.dir / f"{group_name(episode_idx)}.h5"
         self.tmp = _tmp(self.final)
         # no chunk cache: every write covers whole chunks, so caching them only adds a copy
-        self._file: h5py.File | None = h5py.File(self.tmp, "w", rdcc_nbytes=0)
-        self._file.attrs.update(task._root_attrs())
-        self._group = self._file.create_group(group_name(episode_idx))
-        self._group.attrs.update(attrs)
+        self._file: h5py.File | None = None
+        try:
+            self._file = h5py.File(self.tmp, "w", rdcc_nbytes=0)
+            self._file.attrs.update(task._root_attrs())
+            self._group = self._file.create_group(group_name(episode_idx))
+            self._group.attrs.update(attrs)
+        except BaseException:
+            self.abort()
+            raise
         self._count = 0  # samples added
         self._written = 0  # samples in the datasets; the rest wait in the blocks
         self._datasets: dict[str, h5py.Dataset] = {}
@@ -289,9 +295,12 @@ class EpisodeWriter:
         self._task._published()
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Drop the temporary file. Closing it may fail (a full disk: HDF5 flushes on close); the
+        file goes either way, and the error that made us abort is the one that propagates."""
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
         remove(self.tmp)
 
     def __enter__(self) -> EpisodeWriter:
@@ -374,6 +383,18 @@ def _dataset_attrs(sample: Sample) -> dict[str, dict[str, Any]]:
 
 def _axes(*names: str) -> dict[str, Any]:
     return {AXES_ATTR: ["sample", *names]}
+
+
+@contextlib.contextmanager
+def _new_file(tmp: Path) -> Iterator[h5py.File]:
+    """`tmp` created for writing and closed; removed when writing it fails (on a full disk a
+    partial index or consolidated copy would only hold the space until the next open)."""
+    try:
+        with h5py.File(tmp, "w") as out:
+            yield out
+    except BaseException:
+        remove(tmp)
+        raise
 
 
 def _tmp(path: Path) -> Path:
