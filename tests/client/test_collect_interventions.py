@@ -158,6 +158,17 @@ def test_an_npz_array_over_the_protocols_bound_is_refused_from_its_header(tmp_pa
     with zipfile.ZipFile(tmp_path / "big.npz", "w") as archive:
         archive.writestr("v.npy", member.getvalue())
     assert "shape (32768, 32768)" in error_of(path)
+    # and so are arrays that pass one by one but not together (before the later ones are read)
+    path.write_text(json.dumps([{"op": "add", "site": {"expert": 0}, "vector": {"npz": "v"}}] * 3))
+    with zipfile.ZipFile(tmp_path / "big.npz", "w") as archive:
+        member = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            member, {"descr": "<f4", "fortran_order": False, "shape": (2**23 + 1,)}
+        )
+        archive.writestr("v.npy", member.getvalue() + b"\0" * 4 * (2**23 + 1))
+    assert "interventions[1].vector: expected arrays of at most 16777216 values in all" in error_of(
+        path
+    )
 
 
 def test_prompts_and_names(tmp_path: Path) -> None:

@@ -178,6 +178,7 @@ class _Npz:
     def __init__(self, path: Path, source: Path) -> None:
         self.path, self.source = path, source
         self._file: Any = None
+        self._values = 0  # read so far: all arrays together are bounded, not only each one
 
     def __enter__(self) -> _Npz:
         return self
@@ -225,6 +226,13 @@ class _Npz:
             raise ValidationError(where, expected, f"dtype {dtype}")
         if len(shape) > 3 or math.prod(shape) > MAX_INTERVENTION_ELEMENTS:
             raise ValidationError(where, expected + " and at most 3 axes", f"shape {shape}")
+        self._values += math.prod(shape)
+        if self._values > MAX_INTERVENTION_ELEMENTS:
+            raise ValidationError(
+                where,
+                f"arrays of at most {MAX_INTERVENTION_ELEMENTS} values in all (the protocol's bound)",
+                f"{self._values} values so far",
+            )
         try:
             return np.asarray(npz[name], dtype.newbyteorder("="))
         except (OSError, ValueError, zipfile.BadZipFile) as error:
