@@ -34,3 +34,21 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+# A request is two images, a prompt and a few small maps (intervention unit lists are the longest
+# lists, up to an expert's MLP width): far fewer values than a response carries. Decoding costs about
+# a microsecond and up to 72 bytes of Python objects per value, on the server's event loop for frames
+# under 1 MiB, so a request's values are bounded tighter than the defaults' 4 Mi (seconds and
+# ~300 MB for one 4 MB frame of empty maps).
+REQUEST_MAX_OBJECTS = 1 << 16
+REQUEST_MAX_CONTAINER_LEN = 1 << 16
+
+
+def request_limits(max_frame_bytes: int) -> Limits:
+    """What a server accepts in one request frame."""
+    return Limits(
+        max_frame_bytes=max_frame_bytes,
+        max_objects=REQUEST_MAX_OBJECTS,
+        max_container_len=REQUEST_MAX_CONTAINER_LEN,
+    )

@@ -22,8 +22,9 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from latentpi.protocol.codec import FramePacker, Limits, packb, unpackb
+from latentpi.protocol.codec import FramePacker, packb, unpackb
 from latentpi.protocol.errors import ProtocolError, ValidationError
+from latentpi.protocol.limits import request_limits
 from latentpi.protocol.messages import PolicyRequest
 from latentpi.server.auth import is_authorized
 from latentpi.server.batching import BatchCompiler, DynamicBatcher, QueueFullError
@@ -65,7 +66,7 @@ class PolicyServer:
     ) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.limits = Limits(max_frame_bytes=settings.max_frame_bytes)
+        self.limits = request_limits(settings.max_frame_bytes)
         self._engine_factory = engine_factory
         self._engine: PolicyEngine | None = None
         self._metadata_frame = b""
