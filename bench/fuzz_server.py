@@ -618,10 +618,16 @@ class Frames:
         return packb(self.base(**rng.choice(cases)))
 
     def object_bomb(self) -> bytes:
+        """Many one-byte values (a 64-byte dict each once built): one long list, or lists of lists
+        that each stay under the length limit."""
         rng = self.rng
-        count = rng.choice([10_000, 100_000, 100_000, 1_000_000])
+        count = rng.choice([10_000, 70_000, 100_000, 1_000_000])
         item = rng.choice([b"\x80", b"\x90", b"\x00", b"\xa0"])
-        raw = b"\xdd" + struct.pack(">I", count) + item * count
+        if rng.random() < 0.3:
+            raw = b"\xdd" + struct.pack(">I", count) + item * count
+        else:
+            inner = b"\xdc" + struct.pack(">H", 10_000) + item * 10_000
+            raw = b"\xdc" + struct.pack(">H", count // 10_000) + inner * (count // 10_000)
         return raw if rng.random() < 0.3 else self.with_raw("prompt", raw)
 
     def oversized(self) -> bytes:
