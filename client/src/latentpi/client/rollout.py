@@ -91,8 +91,10 @@ class EpisodeResult:
     env_seed: int | None = None  # the `env.seed` given right before this episode's reset
     # what a replay needs (see `Trace`): executed actions per step, per-query seeds and MuJoCo states
     replay: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False)
-    prompt: str | None = None  # the prompt that drove the episode
-    counterfactual_prompts: tuple[str, ...] = ()  # their actions: replay["counterfactual_actions"]
+    # the prompt that drove the episode, the counterfactual ones (their actions:
+    # replay["counterfactual_actions"]); records of the run, like replay, not of its outcome
+    prompt: str | None = field(default=None, compare=False)
+    counterfactual_prompts: tuple[str, ...] = field(default=(), compare=False)
     # the server's record of the interventions applied (from the first response), arrays as shapes
     interventions: tuple[Mapping[str, Any], ...] = field(default=(), compare=False)
 
