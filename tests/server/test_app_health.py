@@ -223,5 +223,10 @@ def test_stop_ends_the_thread_frees_the_port_and_closes_clients(
     assert time.monotonic() - started < 10
     with pytest.raises(ConnectionClosed):
         policy.infer(observation(1))
-    with socket.socket() as probe:  # the port is free again
+    with socket.socket() as probe:  # the port is free again: a new server (SO_REUSEADDR) binds it
+        # The server closes first at shutdown, so its side of the connection may sit in TIME_WAIT
+        # (a race with the client's own close): a bind without SO_REUSEADDR then fails, though
+        # nothing listens there any more.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((server.host, server.port))
+        probe.listen()
