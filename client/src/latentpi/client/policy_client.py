@@ -14,8 +14,9 @@ so rollout code takes either. What it adds:
   resent unless `resend=True`: it raises `ConnectionLost` once a new connection is up, so a caller
   that must not mix two connections' answers in one record (the collector redoes the episode)
   decides what to do.
-- A server that comes back as a different model (its metadata differs) is refused with
-  `ServerChanged`: answers from two models must not end up in one file.
+- A server that comes back as a different model (its metadata differs; `same_model` decides what
+  counts, default: any difference) is refused with `ServerChanged`: answers from two models must
+  not end up in one file.
 - A server that stops answering (connected, no reply within `request_timeout_s`, when given)
   raises `ServerUnavailable`; the connection is dropped (a late reply must not answer the next
   request).
@@ -28,10 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,7 @@ class LatentpiPolicyClient:
         resend: bool = False,
         request_timeout_s: float | None = None,
         tls_ca: str | Path | None = None,
+        same_model: Callable[[Mapping[str, Any], Mapping[str, Any]], bool] = operator.eq,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ValidationError("url", "a ws:// or wss:// URL", url)
@@ -124,6 +127,7 @@ class LatentpiPolicyClient:
         self._request_timeout_s = request_timeout_s
         self._ws: ClientConnection | None = None
         self._metadata: dict[str, Any] | None = None
+        self._same_model = same_model
         self.reconnects = 0
         self._connect()
 
@@ -259,7 +263,7 @@ class LatentpiPolicyClient:
         metadata = unpackb(first, limits=self._limits)
         if not isinstance(metadata, dict):
             raise ProtocolError(f"metadata: expected a map, received {type(metadata).__name__}")
-        if self._metadata is not None and metadata != self._metadata:
+        if self._metadata is not None and not self._same_model(self._metadata, metadata):
             raise ServerChanged(
                 f"{self.url} came back as a different model: "
                 f"{_describe(self._metadata)} before, {_describe(metadata)} now"

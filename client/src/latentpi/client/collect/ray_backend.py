@@ -115,7 +115,11 @@ class EpisodeRunner:
             backoff = Backoff(attempts=100, max_total_s=SERVER_GIVE_UP_S, max_delay_s=2.0)
             timeout = REQUEST_TIMEOUT_S if request_timeout_s is None else request_timeout_s
             client = LatentpiPolicyClient(
-                url, self._api_key, backoff=backoff, request_timeout_s=timeout
+                url,
+                self._api_key,
+                backoff=backoff,
+                request_timeout_s=timeout,
+                same_model=same_model,  # also after a reconnect: host settings may differ
             )
             if not same_model(client.metadata, self._metadata):
                 client.close()

@@ -22,6 +22,7 @@ from typing import Any
 
 from latentpi.client.collect.disk import no_space_message
 from latentpi.client.collect.events import Event, WorkerFailed
+from latentpi.client.collect.identity import same_model
 from latentpi.client.collect.task import TaskJob, collect_task
 from latentpi.client.policy_client import Backoff, LatentpiPolicyClient, ServerChanged
 from latentpi.client.server_process import die_with_parent
@@ -46,10 +47,11 @@ def connect(
 ) -> LatentpiPolicyClient:
     """A client that waits up to `retry_timeout_s` for a lost server and refuses a changed one."""
     backoff = Backoff(attempts=10_000, max_total_s=retry_timeout_s, max_delay_s=5.0)
+    # a server back with another device or batching setting still serves the same model
     client = LatentpiPolicyClient(
-        url, api_key, backoff=backoff, request_timeout_s=request_timeout_s
+        url, api_key, backoff=backoff, request_timeout_s=request_timeout_s, same_model=same_model
     )
-    if expected is not None and client.metadata != expected:
+    if expected is not None and not same_model(client.metadata, expected):
         client.close()
         raise ServerChanged(f"{url} serves a different model than when the collection started")
     return client
