@@ -185,6 +185,23 @@ def test_half_open_connections_are_timed_out(engine: Any) -> None:
         wait_until(lambda: open_connections(server) == 0, 30, "every connection closed")
 
 
+def test_connections_waiting_for_their_handshake_are_capped_too(engine: Any) -> None:
+    with (
+        serving(engine, max_connections=5, handshake_timeout_s=60.0) as server,
+        sockets() as opened,
+    ):
+        opened += [tcp(server.host, server.port) for _ in range(5)]
+        wait_until(lambda: open_connections(server) == 5, 10, "five connections")
+        extra = tcp(server.host, server.port)
+        opened.append(extra)
+        assert closed_by_server(extra, 10)  # reset at once: nothing can be answered yet
+        assert not any(closed_by_server(sock, 0.2) for sock in opened[:5])
+        for sock in opened[:5]:
+            sock.close()
+        wait_until(lambda: open_connections(server) == 0, 10, "closed")  # /metrics gets a slot
+        assert dropped(server)["pending_limit"] == 1
+
+
 # -- idle connections beyond the limit --------------------------------------------------------------
 MAX_CONNECTIONS = 200
 BEYOND = 300

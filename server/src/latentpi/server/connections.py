@@ -331,6 +331,10 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self._idle_deadline = None
         if self.close_sent or self.disconnected or not self.queue.empty():
             return
+        if self._frame_deadline is not None:  # a request is arriving: the frame timeout governs
+            timeout = self.guard.idle_timeout_s or 0.0
+            self._idle_deadline = self.loop.call_later(timeout, self._idle_timeout)
+            return
         self._close(1000, f"idle: no request for {self.guard.idle_timeout_s:g} s")
         self.guard.dropped("idle_timeout", self.client)
 
