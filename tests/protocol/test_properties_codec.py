@@ -31,6 +31,7 @@ from wire_strategies import (
 )
 
 from latentpi.protocol.codec import FramePacker, Limits, ProtocolError, packb, unpackb
+from latentpi.protocol.dtypes import parse_wire_dtype
 
 
 def decode_bounded(frame: bytes, limits: Limits | None = None) -> Any:
@@ -154,6 +155,31 @@ def test_mutated_valid_frames_decode_or_raise_protocol_error(frame: bytes) -> No
     decoded = decode_bounded(frame)
     if decoded is not None:
         assert_same(unpackb(packb(decoded)), decoded)  # whatever decodes can be sent on
+
+
+# -- dtypes ----------------------------------------------------------------------------------------
+ITEMSIZES = {"b": {1}, "i": {1, 2, 4, 8}, "u": {1, 2, 4, 8}, "f": {2, 4, 8}}
+
+
+@profile(300)
+@given(st.from_regex(r"[<>|=]?[a-zA-Z][0-9]{0,2}", fullmatch=True) | st.text(max_size=8))
+def test_any_dtype_text_is_a_supported_dtype_or_a_protocol_error(text: str) -> None:
+    try:
+        dtype = parse_wire_dtype(text)
+    except ProtocolError:
+        return
+    assert dtype.itemsize in ITEMSIZES.get(dtype.kind, set()), dtype
+
+
+@pytest.mark.parametrize("text", ["<b4", "|b2", ">b8", "<f1", "|f1"])
+def test_dtype_texts_numpy_does_not_know_are_protocol_errors(text: str) -> None:
+    """Was: the pattern [<>|][biuf][1248] admitted them and numpy raised TypeError ("data type
+    '<b4' not understood"): an internal error on the server (found by bench/fuzz_server.py)."""
+    with pytest.raises(ProtocolError, match="array dtype: expected bool"):
+        parse_wire_dtype(text)
+    frame = packb(np.zeros(2, np.uint8)).replace(b"\xa3|u1", b"\xa3" + text.encode())
+    with pytest.raises(ProtocolError, match="array dtype: expected bool"):
+        unpackb(frame)
 
 
 # -- declared sizes that would allocate terabytes -------------------------------------------------

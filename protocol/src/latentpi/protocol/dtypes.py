@@ -64,7 +64,13 @@ def _parse(text: str) -> np.dtype:
             f"array dtype: expected bool, int/uint of 1-8 bytes or float16/32/64 ('<f4', '|u1', ...), "
             f"received {text[:40]!r}"
         )
-    dtype = np.dtype(text)
+    try:
+        dtype = np.dtype(text)
+    except TypeError:  # the pattern admits e.g. '<b4' and '<f1', which numpy does not know
+        raise ProtocolError(
+            f"array dtype: expected bool ('|b1'), int/uint of 1-8 bytes or float16/32/64, "
+            f"received {text!r}"
+        ) from None
     check_encodable(dtype)
     return dtype
 
