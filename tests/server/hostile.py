@@ -116,22 +116,46 @@ def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[int | None
         data += chunk
 
 
-def _close_frame_in(data: bytes) -> tuple[int | None, bytes, bytes]:
-    """Skip whole unmasked server frames; (code, reason, rest) once a close frame is whole."""
-    while len(data) >= 2:
-        opcode, size, offset = data[0] & 0x0F, data[1] & 0x7F, 2
-        if size == 126:
-            if len(data) < 4:
-                break
-            size, offset = struct.unpack("!H", data[2:4])[0], 4
-        elif size == 127:
-            if len(data) < 10:
-                break
-            size, offset = struct.unpack("!Q", data[2:10])[0], 10
-        if len(data) < offset + size:
+def read_frames(sock: socket.socket, count: int, timeout_s: float) -> list[tuple[int, bytes]]:
+    """The next `count` server frames as (opcode, payload); fewer if the connection ends."""
+    sock.settimeout(timeout_s)
+    frames: list[tuple[int, bytes]] = []
+    data = b""
+    while len(frames) < count:
+        parsed = _next_frame(data)
+        if parsed is not None:
+            opcode, payload, data = parsed
+            frames.append((opcode, payload))
+            continue
+        chunk = sock.recv(1 << 20)
+        if not chunk:
             break
-        payload = data[offset : offset + size]
-        data = data[offset + size :]
+        data += chunk
+    return frames
+
+
+def _next_frame(data: bytes) -> tuple[int, bytes, bytes] | None:
+    """One whole unmasked server frame off the front of `data`: (opcode, payload, rest)."""
+    if len(data) < 2:
+        return None
+    size, offset = data[1] & 0x7F, 2
+    if size == 126:
+        if len(data) < 4:
+            return None
+        size, offset = struct.unpack("!H", data[2:4])[0], 4
+    elif size == 127:
+        if len(data) < 10:
+            return None
+        size, offset = struct.unpack("!Q", data[2:10])[0], 10
+    if len(data) < offset + size:
+        return None
+    return data[0] & 0x0F, data[offset : offset + size], data[offset + size :]
+
+
+def _close_frame_in(data: bytes) -> tuple[int | None, bytes, bytes]:
+    """Skip whole server frames; (code, reason, rest) once a close frame is whole."""
+    while (parsed := _next_frame(data)) is not None:
+        opcode, payload, data = parsed
         if opcode == 0x8:
             code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
             return code, payload[2:], data

@@ -24,6 +24,7 @@ from hostile import (
     handshake,
     open_idle,
     raise_file_limit,
+    read_frames,
     read_until_closed,
     sockets,
     tcp,
@@ -32,7 +33,7 @@ from hostile import (
 from loopback import STOCK_CLIENT_WARNING, observation, serving, tiny_engine
 from websockets.exceptions import InvalidStatus
 
-from latentpi.protocol.codec import packb
+from latentpi.protocol.codec import packb, unpackb
 from latentpi.server.cli import serve
 from latentpi.server.connections import PONG_ROOM
 from latentpi.server.embedded import RunningServer, start_server
@@ -302,6 +303,22 @@ def test_a_dribbled_frame_is_closed_after_the_frame_timeout(engine: Any) -> None
         assert code == 1008 and b"frame" in reason, (code, reason)
         assert dropped(server)["frame_timeout"] == 1
         assert_served(steady)
+        sock.close()
+
+
+def test_a_request_arriving_slowly_is_not_idle(engine: Any) -> None:
+    """A frame taking longer than the idle timeout (but within the frame timeout) is answered."""
+    with serving(engine, idle_timeout_s=1.0, frame_timeout_s=30.0) as server:
+        sock = tcp(server.host, server.port)
+        assert handshake(sock, server.host, server.port).status == 101
+        whole = frame(packb(observation(3, **SMALL_OBS)))
+        pieces = 10
+        for index in range(pieces):  # over ~2.5 s: the idle timeout passes mid-frame
+            sock.sendall(whole[index * len(whole) // pieces : (index + 1) * len(whole) // pieces])
+            time.sleep(0.25)
+        [(opcode, payload)] = read_frames(sock, 1, timeout_s=60)  # the metadata came before
+        assert opcode == 0x2, payload
+        assert unpackb(payload)["actions"].shape == (50, 7)
         sock.close()
 
 
