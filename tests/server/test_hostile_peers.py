@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import resource
 import socket
 import threading
 import time
@@ -35,7 +36,7 @@ from websockets.exceptions import InvalidStatus
 
 from latentpi.protocol.codec import packb, unpackb
 from latentpi.server.cli import serve
-from latentpi.server.connections import PONG_ROOM
+from latentpi.server.connections import PONG_ROOM, raise_open_file_limit
 from latentpi.server.embedded import RunningServer, start_server
 from latentpi.server.settings import ServerSettings
 
@@ -357,3 +358,17 @@ def test_serve_idle_timeout_zero_means_never() -> None:
     assert args.idle_timeout_s == 0  # run() turns 0 into None: ServerSettings(idle_timeout_s=None)
     defaults = parser.parse_args(["--config", "pi0_tiny"])
     assert (defaults.max_connections, defaults.idle_timeout_s) == (256, 600.0)
+
+
+def test_the_open_file_limit_is_raised_for_max_connections() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * 100 + 256:
+        pytest.skip(f"hard open-file limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+    try:
+        raise_open_file_limit(100)  # 2 x 100 + 256 = 456 descriptors
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 456
+        raise_open_file_limit(10)  # never lowered
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 456
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
