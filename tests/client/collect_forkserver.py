@@ -4,7 +4,7 @@ forked from a process that has imported the collector and LIBERO once (a fresh i
 run so the test can SIGKILL the collector exactly there.
 
 Run as a script. It prints `ready`, then serves one JSON request per stdin line:
-    {"argv": [...], "events": PATH, "log": PATH, "pause": [LABEL, ...]}
+    {"argv": [...], "out": DIR, "events": PATH, "log": PATH, "pause": [LABEL, ...], "env": {...}}
 It forks; the child runs `latentpi.cli.main(["collect", *argv])` (the CLI's own entry point, exit
 codes included) with stdout/stderr to `log` and one line per moment to `events`; the server prints
 `pid N`, waits for the child and prints `exit code C` or `exit signal S`.
@@ -208,6 +208,7 @@ def child(request: dict[str, Any], server_pid: int) -> int:
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     events = open(request["events"], "a", buffering=1)  # noqa: SIM115 - the process ends with it
     out = str(Path(request["out"]).resolve())
+    os.environ.update(request.get("env", {}))
     install(Moments(events, set(request["pause"]), out))
     try:
         main(["collect", *request["argv"]])

@@ -24,9 +24,11 @@ import os
 import queue
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -178,11 +180,18 @@ class ForkServer:
         for line in stream:  # type: ignore[attr-defined]
             self.lines.put(line.strip())
 
-    def start(self, argv: list[str], out: Path, pause: tuple[str, ...] = ()) -> Run:
+    def start(
+        self,
+        argv: list[str],
+        out: Path,
+        pause: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> Run:
         self.runs += 1
         events = self.folder / f"run_{self.runs:03d}.events"
         log = self.folder / f"run_{self.runs:03d}.log"
         request = {"argv": argv, "events": str(events), "log": str(log), "out": str(out)}
+        request["env"] = env or {}
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps({**request, "pause": list(pause)}) + "\n")
         self.process.stdin.flush()
@@ -508,6 +517,68 @@ def test_a_full_output_volume_stops_clearly_and_resumes(
     assert run.finish() == "code 0", run.log_text()
     assert not any(label.startswith("ep") for label in run.labels)  # nothing was redone
     assert digests(out) == clean.digests and not folder.exists()  # consolidated
+
+
+# -- the Ray driver SIGKILLed, then resumed by the local backend -------------------------------------
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below `pid` and its command line."""
+    found: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = {int(child) for child in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            for child in children - set(found):
+                try:
+                    command = Path(f"/proc/{child}/cmdline").read_bytes()
+                except OSError:
+                    command = b"?"
+                found[child] = command.replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+                todo.append(child)
+    return found
+
+
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def test_sigkill_of_the_ray_driver_then_resume_with_the_local_backend(
+    server: Server, forkserver: ForkServer, clean: Clean, tmp_path: Path
+) -> None:
+    """The driver (the only writer under Ray) killed right after publishing its first episode
+    (the other actor may be mid-episode): the local Ray it started goes with it (GCS, raylet, the
+    actors and their LIBERO envs; Ray's dashboard and runtime-env agents poll for their raylet and
+    leave about a minute later by themselves), the published episode stays, and the local backend
+    finishes the run, equal to a clean run."""
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    indexed = tuple(x for x in clean.labels if re.fullmatch(r"ep\d+:replaced task_.+", x))
+    ray_args = [*collect_args(out, server), "--backend", "ray", "--workers", "2"]
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    try:
+        run = forkserver.start(ray_args, out, indexed, env={"RAY_TMPDIR": ray_dir})
+        assert run.until_paused() in indexed, run.log_text()
+        ray_processes = {
+            pid: command
+            for pid, command in descendants(run.pid).items()
+            if not command.startswith(RAY_AGENTS)
+        }
+        commands = " ".join(ray_processes.values())
+        assert "raylet" in commands and "EpisodeRunner" in commands, ray_processes
+        published_then = digests(out)
+        assert len(published_then) == 1
+        assert run.kill() == f"signal {signal.SIGKILL}"
+        left = lambda: {p: c for p, c in ray_processes.items() if alive(p)}  # noqa: E731
+        assert wait_for(lambda: not left(), 30), f"Ray outlived its driver: {left()}"
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert digests(out) == published_then
+    final = start(forkserver, out, server)
+    assert final.finish() == "code 0", final.log_text()
+    assert digests(out) == clean.digests
+    (done,) = published_then
+    assert not any(label.startswith(f"ep{done}:") for label in final.labels)  # kept, not redone
 
 
 # -- last (the server stays pi05_tiny): the server comes back as another model -----------------------
