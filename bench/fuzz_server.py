@@ -714,10 +714,13 @@ class Tally:
         return sum(counts[outcome] for counts in self.outcomes.values())
 
 
-def schedule(frames: int, rng: random.Random, per_category: int = 0) -> list[str]:
+def schedule(
+    frames: int, rng: random.Random, per_category: int = 0, only: tuple[str, ...] = ()
+) -> list[str]:
     """Categories for `frames` frames, in proportion to their weights, at least one each; or
     `per_category` of each (3 oversized frames at most: each is 64 MiB)."""
-    total = sum(CATEGORY_WEIGHTS.values())
+    weights = {c: w for c, w in CATEGORY_WEIGHTS.items() if not only or c in only}
+    total = sum(weights.values())
 
     def count(category: str, weight: float) -> int:
         if not per_category:
@@ -725,9 +728,7 @@ def schedule(frames: int, rng: random.Random, per_category: int = 0) -> list[str
         return min(per_category, 3) if category == "oversized" else per_category
 
     plan = [
-        category
-        for category, weight in CATEGORY_WEIGHTS.items()
-        for _ in range(count(category, weight))
+        category for category, weight in weights.items() for _ in range(count(category, weight))
     ]
     rng.shuffle(plan)
     return plan
@@ -779,6 +780,8 @@ def fuzz(
                     keep(tally, index, category, outcome, detail, frame, args.save_dir)
                 sampler.frames_sent += 1
                 crashed[0] = crashed[0] or outcome == "crash"
+                if sampler.frames_sent % max(len(plan) // 10, 1) == 0:
+                    progress(sampler.frames_sent, len(plan), tally, start)
         connection.close()
 
     start = time.monotonic()
@@ -792,6 +795,12 @@ def fuzz(
     sampler.join()
     sampler.samples.append((time.monotonic(), sampler.frames_sent, server.rss_bytes()))
     return tally, sampler, elapsed
+
+
+def progress(sent: int, planned: int, tally: Tally, start: float) -> None:
+    failed = sum(tally.total(outcome) for outcome in FAILURES)
+    rate = sent / max(time.monotonic() - start, 1e-9)
+    print(f"{sent}/{planned} frames, {rate:.0f}/s, {failed} failures", file=sys.stderr, flush=True)
 
 
 def send_one(
@@ -891,7 +900,7 @@ def fuzz_server(server: Server, args: argparse.Namespace) -> dict[str, Any]:
     frames = Frames(rng, Model.from_metadata(read_metadata(server.url)))
     warm_up(server, frames, args.timeout_s)
     warm_up_s = time.monotonic() - started
-    plan = schedule(args.frames, rng, args.per_category)
+    plan = schedule(args.frames, rng, args.per_category, tuple(args.categories or ()))
     with stock_client_process(server.url, args.baseline) as finish_stock_client:
         tally, sampler, elapsed = fuzz(server, plan, frames.model, args)
         stock = finish_stock_client()
@@ -994,6 +1003,9 @@ def main() -> None:
     parser.add_argument("--config", default="pi0_tiny")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="an answer's deadline")
     parser.add_argument("--per-category", type=int, default=0, help="N of each category instead")
+    parser.add_argument(
+        "--categories", type=lambda text: text.split(","), help="only these (comma-separated)"
+    )
     parser.add_argument("--connections", type=int, default=2, help="fuzz connections at once")
     parser.add_argument("--baseline", type=int, default=40, help="stock-client requests alone")
     parser.add_argument("--json", type=Path, help="write the figures here")

@@ -47,7 +47,7 @@ def server(script: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture(scope="module")
 def report(script: ModuleType, server: Any, tmp_path_factory: pytest.TempPathFactory) -> dict:
     args = argparse.Namespace(
-        frames=0, per_category=PER_CATEGORY, seed=14, config="pi0_tiny", timeout_s=120.0,
+        frames=0, per_category=PER_CATEGORY, categories=None, seed=14, config="pi0_tiny", timeout_s=120.0,
         baseline=6, connections=2, save_dir=tmp_path_factory.mktemp("failing-frames"),
     )  # fmt: skip
     report = script.fuzz_server(server, args)
