@@ -18,6 +18,7 @@ a chosen one for its SIGKILL. `LATENTPI_COLLECT_KILLS` sets the number of kills 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -39,9 +40,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from latentpi.client.collect.disk import no_space_message
 from latentpi.client.policy_client import LatentpiPolicyClient
+from latentpi.client.rollout import EpisodeResult, Sample
 from latentpi.client.server_process import EmbeddedServer
-from latentpi.client.storage import TaskFile, completed_episodes
+from latentpi.client.storage import TaskFile, TaskHeader, TaskWriter, completed_episodes
+from latentpi.protocol import preset
 
 pytestmark = pytest.mark.slow
 
@@ -477,8 +481,8 @@ def used(folder: Path) -> int:
     return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
 
 
-def leftovers(out: Path) -> list[str]:
-    return sorted(path.name for path in (out / SUITE).rglob("*.tmp"))
+def leftovers(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.rglob("*.tmp"))
 
 
 def assert_stopped_for_space(run: Run, out: Path) -> None:
@@ -487,6 +491,44 @@ def assert_stopped_for_space(run: Run, out: Path) -> None:
     assert "latentpi collect: stopped (DiskFull): no space left on device writing " in log
     assert f"(output folder {out}: " in log and "run the same command to resume" in log
     assert "Traceback" not in log, log
+
+
+def test_a_full_disk_leaves_no_partial_file_and_the_message_says_where(volume: Path) -> None:
+    """Storage alone (no simulation): episodes written until the volume is full, then the
+    consolidated copy. The error is the failed write's ENOSPC (not a later failed close's), no
+    temporary file (episode, index, consolidated copy) is left holding the space, every published
+    episode reads back, and the message names the file and the output folder."""
+    path = volume / "libero_goal" / "task_1_open_the_drawer.h5"
+    header = TaskHeader(
+        suite="libero_goal", task_id=1, task_name="open_the_drawer", instruction="open it",
+        bddl_file="x.bddl", model_config="pi0_libero", checkpoint="ckpt",
+        latent_spec=preset("default"),
+    )  # fmt: skip
+    done: list[int] = []
+    with TaskWriter(path, header, compression="none") as writer:
+        with pytest.raises(OSError) as full:
+            for k in range(100):  # 2 MiB an episode: the 4 MiB volume is full soon
+                with writer.episode(k, init_state_idx=k, seed=7) as episode:
+                    for i in range(2):
+                        hidden = np.random.default_rng(k * 2 + i).normal(size=(2, 64, 1024))
+                        episode.add(
+                            Sample(5 * i, np.zeros((10, 7)), np.zeros(8), {"h": hidden}, {})
+                        )
+                    episode.finish(EpisodeResult(False, 10, 2, 2, 0.1, k))
+                done.append(k)
+        assert full.value.errno == errno.ENOSPC and len(done) >= 1
+        message = no_space_message(full.value, volume)
+        assert message is not None and f" writing {path.parent}/" in message, message
+        assert f"(output folder {volume}: " in message
+        assert leftovers(volume) == []
+        with pytest.raises(OSError) as full:
+            writer.consolidate()  # a copy of everything: no room for it
+        assert full.value.errno == errno.ENOSPC and leftovers(volume) == []
+    with TaskFile(path) as task:
+        assert [episode.index for episode in task.episodes] == done
+        for episode in task.episodes:
+            expected = np.random.default_rng(episode.index * 2 + 1).normal(size=(2, 64, 1024))
+            np.testing.assert_array_equal(episode["h"][-1], expected)
 
 
 def test_a_full_output_volume_stops_clearly_and_resumes(
@@ -502,7 +544,9 @@ def test_a_full_output_volume_stops_clearly_and_resumes(
     run.go_on()
     assert_stopped_for_space(run, out)
     assert digests(out) == {0: clean.digests[0]}  # episode 0 intact and readable
-    assert leftovers(out) == []  # episode 1's partial file is gone, not left as a half episode
+    assert (
+        leftovers(out / SUITE) == []
+    )  # episode 1's partial file is gone, not left as a half episode
 
     # room for episode 1 and its index, not for the consolidated copy of both
     resize(volume, used(volume) + episode_bytes + 2 * index_bytes + 16384)
@@ -510,7 +554,7 @@ def test_a_full_output_volume_stops_clearly_and_resumes(
     assert_stopped_for_space(run, out)
     assert "consolidation:publish" not in " ".join(run.labels)  # it failed while copying
     assert digests(out) == clean.digests and folder.is_dir()  # both episodes, from their files
-    assert leftovers(out) == []
+    assert leftovers(out / SUITE) == []
 
     resize(volume, 4 << 20)
     run = start(forkserver, out, server)
@@ -597,4 +641,4 @@ def test_a_server_back_as_another_model_is_refused(
         f"latentpi collect: stopped (ServerChanged): {server.url} came back as a different "
         "model: pi0 (pi0_tiny) before, pi05 (pi05_tiny) now"
     ) in log
-    assert digests(out) == {0: clean.digests[0]} and leftovers(out) == []
+    assert digests(out) == {0: clean.digests[0]} and leftovers(out / SUITE) == []
