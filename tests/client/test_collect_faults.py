@@ -9,7 +9,8 @@ query), real HDF5:
 - the server SIGKILLed and restarted mid-episode: the collector backs off, reconnects, redoes the
   episode and finishes, equal to a clean run; a server back as another model is refused;
 - the output volume full (a small tmpfs): a clear error, every earlier episode intact, no partial
-  file left, and the resume completes once there is space.
+  file left, and the resume completes once there is space;
+- the Ray driver SIGKILLed: its local Ray goes with it, and the local backend finishes the run.
 
 Each collector run is the CLI's entry point in a process forked from tests/client/
 collect_forkserver.py (imports done once), whose hooks name every moment and pause the collector at
@@ -59,18 +60,18 @@ SEED = 14
 SERVER_ARGS = ["--max-batch", "1", "--warmup-batch-sizes", "1", "--warmup-latents", "default"]
 FORKSERVER = Path(__file__).with_name("collect_forkserver.py")
 PHASES = ("env step", "policy query", "episode write", "resume", "consolidation")
-# episode k's first moment: its env reset (settle steps come after it)
-EPISODE_PHASES = (
+# the fork server's moment labels by phase (its module doc); an episode starts with its env reset
+MOMENT_PHASES = (
     (re.compile(r"ep\d+:(reset|step#\d+)$"), "env step"),
     (re.compile(r"ep\d+:query#\d+$"), "policy query"),
-    (re.compile(r"ep\d+:(sample#\d+|write .+|publish .+|replaced .+)$"), "episode write"),
+    (re.compile(r"ep\d+:(sample#\d+|(write|publish|replaced|removed) .+)$"), "episode write"),
     (re.compile(r"consolidation:.+$"), "consolidation"),
     (re.compile(r"resume#\d+$"), "resume"),
 )
 
 
 def phase_of(label: str) -> str:
-    for pattern, phase in EPISODE_PHASES:
+    for pattern, phase in MOMENT_PHASES:
         if pattern.match(label):
             return phase
     raise ValueError(f"no phase for moment {label!r}")
@@ -119,12 +120,12 @@ class Run:
     def new_lines(self) -> list[str]:
         if not self.events.exists():
             return []
-        with self.events.open() as f:
+        with self.events.open("rb") as f:
             f.seek(self._read)
-            text = f.read()
-        complete = text[: text.rfind("\n") + 1]
-        self._read += len(complete.encode())
-        return complete.splitlines()
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits
+        self._read += len(complete)
+        return complete.decode().splitlines()
 
     def until_paused(self, timeout: float = 600) -> str | None:
         """The label the child paused at; None if it exited first."""
@@ -177,7 +178,7 @@ class ForkServer:
         threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
         assert self.lines.get(timeout=600) == "ready"
         self.runs = 0
-        self.current = 0  # the run in progress (one at a time): an exit line is its exit
+        self.current = 0  # the run in progress (one at a time: an exit line is its), else 0
         self.exits: dict[int, str] = {}
 
     def _read(self, stream: object) -> None:
@@ -191,6 +192,9 @@ class ForkServer:
         pause: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
     ) -> Run:
+        if self.current and not self.exited(self.current):  # left paused by a failed test
+            os.kill(self.current, signal.SIGKILL)
+            self.wait(self.current)
         self.runs += 1
         events = self.folder / f"run_{self.runs:03d}.events"
         log = self.folder / f"run_{self.runs:03d}.log"
@@ -212,6 +216,8 @@ class ForkServer:
         deadline = time.monotonic() + timeout
         while pid not in self.exits and time.monotonic() < deadline:
             self._collect(0.05)
+        if pid == self.current:
+            self.current = 0
         return self.exits.pop(pid)
 
     def _collect(self, timeout: float = 0.0) -> None:
