@@ -875,6 +875,8 @@ def rss_figures(samples: list[tuple[float, int, int]]) -> dict[str, float]:
     rss = [s[2] for s in samples]
     later = samples[len(samples) // 2 :]
     out = {"start_mib": rss[0] / mib, "end_mib": rss[-1] / mib, "peak_mib": max(rss) / mib}
+    for quarter in (1, 2, 3):  # steps (one large frame raising the heap) show apart from a slope
+        out[f"at_{quarter * 25}pct_mib"] = rss[len(rss) * quarter // 4] / mib
     if len(later) >= 3 and later[-1][1] > later[0][1]:
         frames = np.array([s[1] for s in later], float)
         times = np.array([s[0] for s in later], float)
@@ -930,6 +932,10 @@ def fuzz_server(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         "server_log_tail": tail(server.log) if tally.total("internal") or not alive else "",
         "stock_client": stock_figures(stock),
         "rss": rss_figures(sampler.samples),
+        "rss_samples": [  # (seconds, frames sent, MiB), at most 200
+            (round(t - started, 1), sent, round(rss / (1 << 20), 1))
+            for t, sent, rss in sampler.samples[:: max(1, len(sampler.samples) // 200)]
+        ],
     }  # fmt: skip
 
 
@@ -985,8 +991,10 @@ def print_report(report: dict[str, Any]) -> None:
     rss = report["rss"]
     slope = rss.get("slope_mib_per_10k_frames", float("nan"))
     print(
-        f"\nserver RSS: start {rss['start_mib']:.0f} MiB, end {rss['end_mib']:.0f} MiB, "
-        f"peak {rss['peak_mib']:.0f} MiB; slope over the second half {slope:+.2f} MiB per 10k frames"
+        f"\nserver RSS: start {rss['start_mib']:.0f} MiB, at 25/50/75 % of the run "
+        f"{rss['at_25pct_mib']:.0f}/{rss['at_50pct_mib']:.0f}/{rss['at_75pct_mib']:.0f} MiB, end "
+        f"{rss['end_mib']:.0f} MiB, peak {rss['peak_mib']:.0f} MiB; least-squares slope over the "
+        f"second half {slope:+.2f} MiB per 10k frames"
     )
     for seconds, category, outcome, detail in report["slowest"]:
         print(f"slow: {seconds:.2f} s  {category} -> {outcome} {detail}")
