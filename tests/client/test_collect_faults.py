@@ -527,9 +527,11 @@ def test_a_full_disk_leaves_no_partial_file_and_the_message_says_where(volume: P
         assert message is not None and f" writing {path.parent}/" in message, message
         assert f"(output folder {volume}: " in message
         assert leftovers(volume) == []
-        with pytest.raises(OSError) as full:
+        with pytest.raises((OSError, RuntimeError)) as full:  # HDF5's copy: a RuntimeError
             writer.consolidate()  # a copy of everything: no room for it
-        assert full.value.errno == errno.ENOSPC and leftovers(volume) == []
+        message = no_space_message(full.value, volume)
+        assert message is not None and f" writing {path}.tmp " in message, full.value
+        assert leftovers(volume) == []
     with TaskFile(path) as task:
         assert [episode.index for episode in task.episodes] == done
         for episode in task.episodes:

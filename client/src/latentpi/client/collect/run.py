@@ -69,7 +69,7 @@ def collect(
 ) -> CollectResult:
     try:
         return _collect(options, on_event, progress)
-    except OSError as error:  # the output volume full: a clear stop, not a traceback
+    except (OSError, RuntimeError) as error:  # the output volume full: a clear stop, no traceback
         message = no_space_message(error, options.out)
         if message is None:
             raise

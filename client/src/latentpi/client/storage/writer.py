@@ -388,11 +388,19 @@ def _axes(*names: str) -> dict[str, Any]:
 @contextlib.contextmanager
 def _new_file(tmp: Path) -> Iterator[h5py.File]:
     """`tmp` created for writing and closed; removed when writing it fails (on a full disk a
-    partial index or consolidated copy would only hold the space until the next open)."""
+    partial index or consolidated copy would only hold the space until the next open). The error
+    that stopped the writing propagates, not a close that fails after it."""
     try:
-        with h5py.File(tmp, "w") as out:
-            yield out
+        out = h5py.File(tmp, "w")
     except BaseException:
+        remove(tmp)
+        raise
+    try:
+        yield out
+        out.close()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            out.close()
         remove(tmp)
         raise
 
