@@ -310,3 +310,20 @@ def test_cache_keys_and_compiles_do_not_block(setup, full) -> None:
         full[1]["attention_mass_expert_1"][:, 2, 1].mean(axis=1),
         atol=1e-6,
     )
+
+
+def test_the_program_cache_is_bounded_least_recently_used_first(setup, full) -> None:
+    """A client sending ever new specs cannot grow the server's compiled programs without bound:
+    beyond max_programs the least recently used is dropped (and recompiled if asked again)."""
+    sampler, params, obs, noise, _ = setup
+    bounded = capture.CompiledSampler(sampler.config, max_programs=2)
+    specs = [LatentSpec(attention="per_head"), None, LatentSpec(pooling="mean")]
+    first = bounded.compiled(params, obs, noise, specs[0])
+    bounded.compiled(params, obs, noise, specs[1])
+    assert bounded.compiled(params, obs, noise, specs[0]) is first  # a hit: now the most recent
+    bounded.compiled(params, obs, noise, specs[2])  # evicts specs[1], the least recently used
+    assert len(bounded.cached_keys()) == 2
+    assert bounded.is_compiled(2, str(next(iter(obs.images.values())).dtype), specs[0])
+    assert not bounded.is_compiled(2, str(next(iter(obs.images.values())).dtype), specs[1])
+    actions, _ = bounded.sample_actions(params, obs, noise, specs[0])
+    np.testing.assert_array_equal(actions, full[0])

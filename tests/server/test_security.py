@@ -220,9 +220,13 @@ def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
         (["--api-key", " "], "--api-key: expected a non-empty key"),
         (["--tls-cert", "/nonexistent.pem"], "--tls-cert: expected --tls-cert and --tls-key"),
         (["--max-queue", "0"], "--max-queue: expected 1..65536"),
+        (["--max-programs", "0"], "--max-programs: expected 1..65536"),
         (["--max-response-bytes", "10"], "--max-response-bytes: expected 1 KiB..16 GiB"),
     ],
-    ids=["missing key file", "blank key", "cert without key", "no queue", "tiny responses"],
+    ids=[
+        "missing key file", "blank key", "cert without key", "no queue", "no programs",
+        "tiny responses",
+    ],
 )
 def test_serve_refuses_bad_security_options_before_loading(args: list[str], message: str) -> None:
     result = serve("--config", "pi0_tiny", "--port", "0", *args)

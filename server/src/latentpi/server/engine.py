@@ -80,7 +80,9 @@ class PolicyEngine:
         self.device = _device.serving_device()
         _device.check_resident(self.params, self.device)  # else every call copies the weights
         self._param_bytes = _device.param_bytes(self.params)
-        self.sampler = CompiledSampler(self.model, by_row=self.batch_invariant)
+        self.sampler = CompiledSampler(
+            self.model, by_row=self.batch_invariant, max_programs=self.settings.max_programs
+        )
         self._readouts = Readouts(self.model, self.transform.tokenizer)
         self._rng = np.random.default_rng(self.seed)
         self._metadata = ServerMetadata(

@@ -34,6 +34,9 @@ class ServerSettings:
     # make the server build gigabytes. 1 GiB is also what latentpi's client accepts in a frame.
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_queue: int = 256
+    # Compiled programs kept (one per batch size, latent spec and intervention structure seen);
+    # the least recently used go first, so a client sending endless new specs cannot grow memory.
+    max_programs: int = 256
     batch_sizes: tuple[int, ...] = ()
     warmup_batch_sizes: tuple[int, ...] = (1,)  # compiled at start-up, with every warm-up spec
     warmup_specs: tuple[LatentSpec, ...] = ()  # beyond plain inference and the default preset
@@ -62,6 +65,8 @@ class ServerSettings:
             raise ValueError(
                 f"max_response_bytes: expected 1 KiB..16 GiB, received {self.max_response_bytes}"
             )
+        if not 1 <= self.max_programs <= 65_536:
+            raise ValueError(f"max_programs: expected 1..65536, received {self.max_programs}")
         if not 1 <= self.max_queue <= 65_536:
             raise ValueError(f"max_queue: expected 1..65536, received {self.max_queue}")
         if not 0 <= self.port <= 65535:

@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-window-ms", type=float, default=5.0, help="how long a batch waits to fill"
     )
     parser.add_argument(
+        "--max-programs",
+        type=int,
+        default=256,
+        help="compiled programs kept, least recently used dropped first (default 256)",
+    )
+    parser.add_argument(
         "--max-queue",
         type=int,
         default=256,
@@ -176,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             batch_window_ms=args.batch_window_ms,
             max_queue=args.max_queue,
+            max_programs=args.max_programs,
             max_frame_bytes=args.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES,
             max_response_bytes=args.max_response_bytes or DEFAULT_MAX_RESPONSE_BYTES,
             warmup_batch_sizes=_batch_sizes(args.warmup_batch_sizes, args.max_batch),

@@ -22,6 +22,7 @@ check compares. Unselected denoising steps are never stored (see `pi0.sample_act
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -242,6 +243,7 @@ def run_sampler_by_row(
 
 
 CacheKey = tuple[int, str, LatentSpec | None, bool, EditPlan | None]
+DEFAULT_MAX_PROGRAMS = 256  # compiled programs kept; each holds its executable in memory
 
 
 @dataclass
@@ -253,11 +255,15 @@ class CompiledSampler:
     in any batch, at the cost of batching's throughput on accelerators.
 
     Thread-safe: a request whose function is cached never waits for another spec's compile (compiles
-    run outside the lock; concurrent requests for the same new key wait for one compile)."""
+    run outside the lock; concurrent requests for the same new key wait for one compile).
+
+    max_programs bounds the cache (least recently used out first): every distinct latent spec or
+    intervention structure a client sends is a program held for the process's life otherwise."""
 
     config: ModelConfig
     by_row: bool = False
-    _cache: dict[CacheKey, Future] = field(default_factory=dict, repr=False)
+    max_programs: int = DEFAULT_MAX_PROGRAMS
+    _cache: OrderedDict[CacheKey, Future] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def resolve(self, spec: LatentSpec | None) -> LatentSpec | None:
@@ -306,6 +312,9 @@ class CompiledSampler:
             owner = future is None
             if owner:
                 future = self._cache[key] = Future()
+                self._evict_beyond_bound()
+            else:
+                self._cache.move_to_end(key)
         if owner:
             try:
                 future.set_result(
@@ -317,6 +326,15 @@ class CompiledSampler:
                 future.set_exception(error)
                 raise
         return future.result()
+
+    def _evict_beyond_bound(self) -> None:
+        """Drop the least recently used finished programs (caller holds the lock); a compile in
+        progress is never dropped, so its waiters still get it."""
+        for key in list(self._cache):
+            if len(self._cache) <= self.max_programs:
+                return
+            if self._cache[key].done():
+                del self._cache[key]
 
     def precompile(
         self,
