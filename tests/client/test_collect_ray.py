@@ -103,7 +103,11 @@ def test_ray_backend_survives_a_server_and_a_node_killed_mid_run(
     killer[0].join()
     assert servers[1].process.poll() is not None and not worker_node.any_processes_alive()
     redone = [e.reason for e in events if isinstance(e, EpisodeRedone)]
-    assert any(reason.startswith("server lost: " + servers[1].url) for reason in redone), redone
+    # Which reason shows is a race: the actor using the killed server reports it after
+    # SERVER_GIVE_UP_S (10 s) unless it lives on the node killed 3 s in, which makes it "actor
+    # lost". Either way the episode is redone, and once, which is what matters here.
+    allowed = ("server lost: " + servers[1].url, "actor lost: ")
+    assert redone and all(reason.startswith(allowed) for reason in redone), redone
     done = [e.episode_idx for e in events if isinstance(e, EpisodeDone)]
     assert sorted(done) == list(range(TRIALS))  # each written once
     # the actor on the lost node was restarted elsewhere (Ray's own retry reran its episode)
