@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import hostile
 import pytest
 from certificates import TlsFiles, make_tls_files
 from loopback import STOCK_CLIENT_WARNING, Clients, observation, serving, tiny_engine
@@ -224,7 +225,11 @@ def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
         (["--max-response-bytes", "10"], "--max-response-bytes: expected 1 KiB..16 GiB"),
     ],
     ids=[
-        "missing key file", "blank key", "cert without key", "no queue", "no programs",
+        "missing key file",
+        "blank key",
+        "cert without key",
+        "no queue",
+        "no programs",
         "tiny responses",
     ],
 )
@@ -281,3 +286,24 @@ def test_the_default_limit_admits_pi0s_full_preset_but_not_seventeen() -> None:
     )
     one = latent_bytes(latent_layouts(preset("full"), shape))
     assert one < DEFAULT_MAX_RESPONSE_BYTES < 17 * one
+
+
+def test_a_malformed_text_frame_writes_no_traceback_to_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any client may send invalid UTF-8 in a text frame: uvicorn logged an ERROR with a traceback
+    for each; it is a warning line now, and the connection is closed with 1007."""
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's loggers do not propagate
+    with serving(tiny_engine("pi0_tiny")) as server:
+        uvicorn_log.addHandler(caplog.handler)
+        sock = hostile.tcp(server.host, server.port)
+        try:
+            assert hostile.handshake(sock, server.host, server.port).status == 101
+            sock.sendall(hostile.frame(b"\xff\xfe", opcode=0x1))
+            code, _ = hostile.read_until_closed(sock, timeout_s=10)
+        finally:
+            sock.close()
+            uvicorn_log.removeHandler(caplog.handler)
+    assert code == 1007
+    records = [r for r in caplog.records if "Invalid UTF-8" in r.getMessage()]
+    assert records and all(r.levelno == logging.WARNING and not r.exc_info for r in records)

@@ -26,7 +26,13 @@ class _RefusalNoiseFilter(logging.Filter):
     refusal (401 bad API key, 503 failed load) sent as a denial response; the refusal is ours."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "returned without completing handshake" not in record.getMessage()
+        message = record.getMessage()
+        if message.startswith("Invalid UTF-8 sequence"):
+            # the peer's fault, answered with close 1007: a line, not an ERROR with a traceback
+            # that any client could write into the log once per connection
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return "returned without completing handshake" not in message
 
 
 def _quiet_refusals() -> None:
