@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import multiprocessing
 import os
 import re
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -57,6 +54,7 @@ from hostile import (  # noqa: E402
     tcp,
 )
 
+from latentpi.client.server_process import EmbeddedServer  # noqa: E402
 from latentpi.protocol.codec import packb  # noqa: E402
 
 warnings.filterwarnings("ignore", "connect\\(\\) must be used", DeprecationWarning)
@@ -89,33 +87,16 @@ class Server:
 
 @contextlib.contextmanager
 def latentpi_serve(max_connections: int) -> Iterator[Server]:
-    with tempfile.TemporaryDirectory(prefix="latentpi-hostile-") as folder:
-        ready = Path(folder) / "ready.json"
-        command = [
-            *(sys.executable, "-c", "from latentpi.cli import main; main()", "serve"),
-            *("--config", "pi0_tiny", "--port", "0", "--ready-file", str(ready)),
-            *("--log-level", "error", "--max-batch", "1"),
-            *("--max-connections", str(max_connections)),
-            *("--handshake-timeout-s", str(TIMEOUTS["handshake"])),
-            *("--idle-timeout-s", str(TIMEOUTS["idle"])),
-            *("--frame-timeout-s", str(TIMEOUTS["frame"])),
-            *("--send-timeout-s", str(TIMEOUTS["send"])),
-        ]
-        process = subprocess.Popen(command)
-        try:
-            deadline = time.monotonic() + STARTUP_S
-            while not ready.exists():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"latentpi serve did not start (exit {process.poll()})")
-                time.sleep(0.2)
-            info = json.loads(ready.read_text())
-            yield Server("127.0.0.1", info["port"], process.pid)
-        finally:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    extra = [
+        *("--log-level", "error", "--max-batch", "1"),
+        *("--max-connections", str(max_connections)),
+        *("--handshake-timeout-s", str(TIMEOUTS["handshake"])),
+        *("--idle-timeout-s", str(TIMEOUTS["idle"])),
+        *("--frame-timeout-s", str(TIMEOUTS["frame"])),
+        *("--send-timeout-s", str(TIMEOUTS["send"])),
+    ]
+    with EmbeddedServer("pi0_tiny", extra_args=extra, startup_timeout_s=STARTUP_S) as server:
+        yield Server("127.0.0.1", server.port, server.pid)
 
 
 # -- hostile peers ----------------------------------------------------------------------------------

@@ -28,9 +28,7 @@ import json
 import os
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -40,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from latentpi.client.server_process import EmbeddedServer
 
 # openpi-client 0.1.2 calls websockets.sync.client.connect outside a context manager.
 warnings.filterwarnings("ignore", "connect\\(\\) must be used", DeprecationWarning)
@@ -76,28 +76,8 @@ class SoakResult:
 @contextlib.contextmanager
 def latentpi_serve(extra: list[str]) -> Iterator[tuple[str, int]]:
     """`latentpi serve --config pi0_tiny` on a free port; yields (url, pid)."""
-    with tempfile.TemporaryDirectory(prefix="latentpi-soak-") as folder:
-        ready = Path(folder) / "ready.json"
-        command = [
-            *(sys.executable, "-c", "from latentpi.cli import main; main()", "serve"),
-            *("--config", "pi0_tiny", "--port", "0", "--ready-file", str(ready)),
-            *("--log-level", "warning", *extra),
-        ]
-        process = subprocess.Popen(command)
-        try:
-            deadline = time.monotonic() + STARTUP_S
-            while not ready.exists():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"latentpi serve did not start (exit {process.poll()})")
-                time.sleep(0.2)
-            info = json.loads(ready.read_text())
-            yield info["url"], process.pid
-        finally:
-            process.terminate()
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    with EmbeddedServer("pi0_tiny", extra_args=extra, startup_timeout_s=STARTUP_S) as server:
+        yield server.url, server.pid
 
 
 def rss_mb(pid: int) -> float:
