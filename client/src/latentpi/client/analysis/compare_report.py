@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from matplotlib import colormaps
@@ -58,13 +58,7 @@ class CompareConfig:
 class CompareSection(Section):
     """A report section whose records follow COMPARE_FIELDS."""
 
-    def record(self, metric: str, estimate: float | None, **fields: Any) -> None:
-        unknown = set(fields) - set(COMPARE_FIELDS)
-        if unknown:
-            raise ValueError(f"compare fields: {sorted(unknown)} are not in COMPARE_FIELDS")
-        row = dict.fromkeys(COMPARE_FIELDS)
-        row |= {"section": self.title, "metric": metric, "estimate": estimate, **fields}
-        self.records.append(row)
+    fields: ClassVar[tuple[str, ...]] = COMPARE_FIELDS
 
     def interval(self, metric: str, result: paired.MeanInterval, **fields: Any) -> None:
         self.record(

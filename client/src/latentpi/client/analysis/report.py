@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from matplotlib import colormaps
@@ -65,11 +65,14 @@ class Section:
     def note(self, text: str) -> None:
         self.parts.append(f"<p class='note'>{html.escape(text)}</p>")
 
+    fields: ClassVar[tuple[str, ...]] = SUMMARY_FIELDS  # a record's columns
+
     def record(self, metric: str, estimate: float | None, **fields: Any) -> None:
-        unknown = set(fields) - set(SUMMARY_FIELDS)
+        unknown = set(fields) - set(self.fields)
         if unknown:
-            raise ValueError(f"summary fields: {sorted(unknown)} are not in SUMMARY_FIELDS")
-        row = dict.fromkeys(SUMMARY_FIELDS)
+            kind = type(self).__name__
+            raise ValueError(f"{kind} fields: {sorted(unknown)} are not among {self.fields}")
+        row = dict.fromkeys(self.fields)
         row |= {"section": self.title, "metric": metric, "estimate": estimate, **fields}
         self.records.append(row)
 
