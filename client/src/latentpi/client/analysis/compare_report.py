@@ -406,10 +406,7 @@ def _actions(
                     label=f"{task[0]} task {task[1]} (n={len(differences)})")  # fmt: skip
         rows.append(row)
     section.table(["task", "pairs", "arm: mean L2 per step", "gripper: mean |Δ| per step"], rows)
-    for ax, dims in zip(axes, DIMS, strict=True):
-        ax.set(xlabel="policy step", ylabel="condition − baseline",
-               title="arm (dims 0–5, L2)" if dims == "arm" else "gripper (dim 6, |Δ|)")  # fmt: skip
-        ax.legend(fontsize=7)
+    _label_dims(axes, "policy step", "condition − baseline")
     section.figure(
         fig,
         "Executed actions of each condition episode against its paired baseline episode, aligned by "
@@ -419,6 +416,14 @@ def _actions(
         f"compare_{condition.label}_action_difference_by_step",
     )
     return section
+
+
+def _label_dims(axes: Any, xlabel: str, ylabel: str) -> None:
+    """One panel per entry of DIMS: the arm (L2 over dims 0-5), the gripper (|Δ| of dim 6)."""
+    for ax, dims in zip(axes, DIMS, strict=True):
+        title = "arm (dims 0–5, L2)" if dims == "arm" else "gripper (dim 6, |Δ|)"
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.legend(fontsize=7)
 
 
 _PER_CONDITION: tuple[
@@ -499,10 +504,7 @@ def _counterfactual(collection: Collection, out: Path) -> CompareSection:
          "gripper: late − early"],
         rows,
     )  # fmt: skip
-    for ax, dims in zip(axes, DIMS, strict=True):
-        ax.set(xlabel="env step of the query", ylabel="counterfactual − executed",
-               title="arm (dims 0–5, L2)" if dims == "arm" else "gripper (dim 6, |Δ|)")  # fmt: skip
-        ax.legend(fontsize=7)
+    _label_dims(axes, "env step of the query", "counterfactual − executed")
     section.figure(
         fig,
         "At every query, each counterfactual prompt's actions against the driving prompt's (same "
