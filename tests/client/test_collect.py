@@ -19,6 +19,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
+from restartable_server import RestartableServer
 
 from latentpi.client.collect import CollectOptions, collect, plan_tasks
 from latentpi.client.collect.events import EpisodeDone, EpisodeRedone, Event
@@ -27,7 +28,6 @@ from latentpi.client.collect.seeding import episode_seed, query_noise_seed
 from latentpi.client.collect.task import collect_task
 from latentpi.client.libero_env import make_env
 from latentpi.client.policy_client import LatentpiPolicyClient, ServerRejected
-from latentpi.client.server_process import EmbeddedServer
 from latentpi.client.storage import TaskFile, completed_episodes
 from latentpi.client.storage.layout import episode_dir
 from latentpi.protocol import ValidationError
@@ -42,35 +42,11 @@ MAX_STEPS, STRIDE = 10, 5  # two queries per episode, both sampled
 CLI = (sys.executable, "-c", "from latentpi.cli import main; main()", "collect")
 
 
-class SharedServer:
-    """The module's pi0_tiny server; `restart()` brings it back on the same port."""
-
-    def __init__(self) -> None:
-        self.server = EmbeddedServer("pi0_tiny", api_key=KEY).__enter__()
-        self.port = self.server.port
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        self.server.process.kill()
-        self.server.process.wait()
-
-    def restart(self) -> None:
-        self.server.stop()
-        self.server = EmbeddedServer("pi0_tiny", api_key=KEY, port=self.port).__enter__()
-
-    def metadata(self) -> dict:
-        with LatentpiPolicyClient(self.url, KEY) as client:
-            return client.metadata
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[SharedServer]:
-    shared = SharedServer()
+def server() -> Iterator[RestartableServer]:
+    shared = RestartableServer(KEY)
     yield shared
-    shared.server.stop()
+    shared.stop()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +54,7 @@ def object_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("object")
 
 
-def options(out: Path, server: SharedServer, **changes: object) -> CollectOptions:
+def options(out: Path, server: RestartableServer, **changes: object) -> CollectOptions:
     base = CollectOptions(
         suite="libero_object",
         out=out,
@@ -154,7 +130,7 @@ def durations(path: Path) -> dict[int, float]:
 
 # -- files, two suites, resume ------------------------------------------------------------------
 def test_collects_two_tasks_with_two_workers_then_resumes(
-    server: SharedServer, object_dir: Path
+    server: RestartableServer, object_dir: Path
 ) -> None:
     events: list[Event] = []
     result = collect(options(object_dir, server, workers=2), on_event=events.append, progress=False)
@@ -182,7 +158,9 @@ def test_collects_two_tasks_with_two_workers_then_resumes(
         assert {k: v for k, v in durations(path).items() if k < 2} == before[path][1]
 
 
-def test_second_suite_with_a_spec_file_and_images(server: SharedServer, tmp_path: Path) -> None:
+def test_second_suite_with_a_spec_file_and_images(
+    server: RestartableServer, tmp_path: Path
+) -> None:
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps({"preset": "pooled", "attention": "head_mean", "steps": [-1]}))
     spec = LatentSpec(text_only=False, pooling="mean", attention="head_mean", steps=(-1,))
@@ -214,7 +192,7 @@ def test_second_suite_with_a_spec_file_and_images(server: SharedServer, tmp_path
 
 
 def test_changed_spec_or_model_on_resume_is_refused_before_simulating(
-    server: SharedServer, object_dir: Path
+    server: RestartableServer, object_dir: Path
 ) -> None:
     events: list[Event] = []
     with pytest.raises(ValidationError, match=r"root attribute latent_spec") as caught:
@@ -240,7 +218,7 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def cli_args(out: Path, server: SharedServer, *extra: str) -> list[str]:
+def cli_args(out: Path, server: RestartableServer, *extra: str) -> list[str]:
     return [
         "--suite", "libero_object", "--tasks", "0:2", "--trials", "2",
         "--max-steps", str(MAX_STEPS), "--stride", str(STRIDE), "--out", str(out),
@@ -249,7 +227,7 @@ def cli_args(out: Path, server: SharedServer, *extra: str) -> list[str]:
 
 
 def test_bad_api_key_stops_at_once_with_the_servers_message(
-    server: SharedServer, tmp_path: Path
+    server: RestartableServer, tmp_path: Path
 ) -> None:
     with pytest.raises(ServerRejected, match=r"HTTP 401: invalid or missing API key"):
         collect(options(tmp_path, server, api_key="wrong"))
@@ -257,7 +235,7 @@ def test_bad_api_key_stops_at_once_with_the_servers_message(
 
 
 def test_rejected_spec_stops_at_once_with_the_servers_message(
-    server: SharedServer, tmp_path: Path
+    server: RestartableServer, tmp_path: Path
 ) -> None:
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps({"layers": [99]}))  # pi0_tiny has 3 layers
@@ -339,7 +317,7 @@ def completed(out: Path) -> dict[str, set[int]]:
 
 
 def test_sigkill_of_the_collector_at_several_moments_then_resume(
-    server: SharedServer, tmp_path: Path
+    server: RestartableServer, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     args = cli_args(out, server)
@@ -385,7 +363,7 @@ def test_embedded_server_dies_with_the_collector(tmp_path: Path) -> None:
 
 # -- last: the shared server is killed and restarted ----------------------------------------------
 def test_server_lost_mid_run_is_retried_and_the_episode_redone(
-    server: SharedServer, tmp_path: Path
+    server: RestartableServer, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     args = [*cli_args(out, server), "--tasks", "0", "--trials", "2", "--retry-timeout", "600"]
@@ -460,7 +438,7 @@ class FailingEnv:
 
 
 def test_an_episode_is_the_same_alone_after_a_resume_and_after_a_retry(
-    server: SharedServer, tmp_path: Path
+    server: RestartableServer, tmp_path: Path
 ) -> None:
     full = options(tmp_path / "full", server, trials=2, **GOAL)
     collect(full, progress=False)

@@ -40,11 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from restartable_server import RestartableServer
 
 from latentpi.client.collect.disk import no_space_message
-from latentpi.client.policy_client import LatentpiPolicyClient
 from latentpi.client.rollout import EpisodeResult, Sample
-from latentpi.client.server_process import EmbeddedServer
 from latentpi.client.storage import TaskFile, TaskHeader, TaskWriter, completed_episodes
 from latentpi.protocol import preset
 
@@ -78,33 +77,6 @@ def phase_of(label: str) -> str:
 
 
 # -- the server and the fork server ------------------------------------------------------------------
-class Server:
-    """A `latentpi serve` process on one loopback port for the module; killed and restarted there."""
-
-    def __init__(self) -> None:
-        self.process = EmbeddedServer("pi0_tiny", api_key=KEY, extra_args=SERVER_ARGS).__enter__()
-        self.port = self.process.port
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        self.process.process.kill()
-        self.process.process.wait()
-        self.process.stop()
-
-    def restart(self, config: str = "pi0_tiny", *extra: str) -> None:
-        self.process.stop()
-        self.process = EmbeddedServer(
-            config, api_key=KEY, extra_args=[*SERVER_ARGS, *extra], port=self.port
-        ).__enter__()
-
-    def metadata(self) -> dict:
-        with LatentpiPolicyClient(self.url, KEY) as client:
-            return client.metadata
-
-
 @dataclass
 class Run:
     """One collector process: its events (moments), its log, its exit."""
@@ -242,10 +214,10 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    shared = Server()
+def server() -> Iterator[RestartableServer]:
+    shared = RestartableServer(KEY, SERVER_ARGS)
     yield shared
-    shared.process.stop()
+    shared.stop()
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +227,7 @@ def forkserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]
     started.close()
 
 
-def collect_args(out: Path, server: Server, *extra: str) -> list[str]:
+def collect_args(out: Path, server: RestartableServer, *extra: str) -> list[str]:
     return [
         "--suite", SUITE, "--tasks", "0", "--trials", str(TRIALS), "--max-steps", "5",
         "--num-steps-wait", "1", "--stride", "5", "--out", str(out), "--server", server.url,
@@ -263,7 +235,9 @@ def collect_args(out: Path, server: Server, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def start(forkserver: ForkServer, out: Path, server: Server, pause: tuple[str, ...] = ()) -> Run:
+def start(
+    forkserver: ForkServer, out: Path, server: RestartableServer, pause: tuple[str, ...] = ()
+) -> Run:
     return forkserver.start(collect_args(out, server), out, pause)
 
 
@@ -304,7 +278,7 @@ class Clean:
 
 @pytest.fixture(scope="module")
 def clean(
-    server: Server, forkserver: ForkServer, tmp_path_factory: pytest.TempPathFactory
+    server: RestartableServer, forkserver: ForkServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Clean:
     out = tmp_path_factory.mktemp("clean")
     run = start(forkserver, out, server)
@@ -377,7 +351,7 @@ def published(labels: list[str]) -> Counter[int]:
 
 
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
-    server: Server, forkserver: ForkServer, clean: Clean, tmp_path: Path
+    server: RestartableServer, forkserver: ForkServer, clean: Clean, tmp_path: Path
 ) -> None:
     plan = plan_kills(clean.labels, KILLS, random.Random(SEED))
     out = tmp_path / "out"
@@ -434,7 +408,7 @@ BEFORE_A_REQUEST = "ep1:step#1"
 
 
 def test_server_killed_and_restarted_mid_episode(
-    server: Server, forkserver: ForkServer, clean: Clean, tmp_path: Path
+    server: RestartableServer, forkserver: ForkServer, clean: Clean, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     before = server.metadata()
@@ -540,7 +514,7 @@ def test_a_full_disk_leaves_no_partial_file_and_the_message_says_where(volume: P
 
 
 def test_a_full_output_volume_stops_clearly_and_resumes(
-    server: Server, forkserver: ForkServer, clean: Clean, volume: Path
+    server: RestartableServer, forkserver: ForkServer, clean: Clean, volume: Path
 ) -> None:
     out = volume / "out"
     run = start(forkserver, out, server, pause=("ep1:reset",))
@@ -596,7 +570,7 @@ RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 def test_sigkill_of_the_ray_driver_then_resume_with_the_local_backend(
-    server: Server, forkserver: ForkServer, clean: Clean, tmp_path: Path
+    server: RestartableServer, forkserver: ForkServer, clean: Clean, tmp_path: Path
 ) -> None:
     """The driver (the only writer under Ray) killed right after publishing its first episode
     (the other actor may be mid-episode): the local Ray it started goes with it (GCS, raylet, the
@@ -635,7 +609,7 @@ def test_sigkill_of_the_ray_driver_then_resume_with_the_local_backend(
 
 # -- last (the server stays pi05_tiny): the server comes back as another model -----------------------
 def test_a_server_back_as_another_model_is_refused(
-    server: Server, forkserver: ForkServer, clean: Clean, tmp_path: Path
+    server: RestartableServer, forkserver: ForkServer, clean: Clean, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     run = start(forkserver, out, server, pause=(BEFORE_A_REQUEST,))
